@@ -1,0 +1,72 @@
+"""Logger factories that need more than a ``_target_``."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from lightning.pytorch.loggers import WandbLogger
+
+log = logging.getLogger(__name__)
+
+
+def _has_wandb_key() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        import netrc
+
+        path = os.environ.get("NETRC", os.path.expanduser("~/.netrc"))
+        return os.path.isfile(path) and netrc.netrc(path).authenticators("api.wandb.ai") is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def wandb_logger(save_dir: str, offline: bool | None = None, **kwargs) -> WandbLogger:
+    """A ``WandbLogger`` that never prompts and never needs the network to start.
+
+    ``offline=None`` (the default) logs online when an API key is configured (``WANDB_API_KEY`` or
+    ``wandb login``) and ``WANDB_MODE`` does not say otherwise; else it logs offline into
+    ``save_dir/wandb`` and says how to upload the run later.
+    """
+    os.makedirs(save_dir, exist_ok=True)
+    mode = os.environ.get("WANDB_MODE")
+    if offline is None:
+        offline = mode in ("offline", "dryrun", "disabled") or (
+            mode is None and not _has_wandb_key()
+        )
+    if offline:
+        os.environ.setdefault("WANDB_MODE", "offline")
+        log.warning(
+            "wandb: no API key found (or WANDB_MODE=%s): logging OFFLINE to %s/wandb. "
+            "Upload later with `wandb sync %s/wandb/offline-run-*`, or run `wandb login` first.",
+            mode or "offline",
+            save_dir,
+            save_dir,
+        )
+    os.environ.setdefault("WANDB_SILENT", "true")
+    kwargs.setdefault("settings", {"init_timeout": 90})  # bound a stalled network
+    return FallbackWandbLogger(save_dir=save_dir, offline=offline, **kwargs)
+
+
+class FallbackWandbLogger(WandbLogger):
+    """A ``WandbLogger`` that falls back to offline mode when ``wandb.init`` fails online
+    (no network, server down, bad key) instead of crashing the run."""
+
+    @property
+    def experiment(self):
+        if self._experiment is None and not self._offline:
+            try:
+                return super().experiment
+            except Exception as err:  # noqa: BLE001 - any failure to reach wandb
+                log.warning(
+                    "wandb: could not start an online run (%s); logging OFFLINE to %s/wandb instead. "
+                    "Upload later with `wandb sync %s/wandb/offline-run-*`.",
+                    err,
+                    self.save_dir,
+                    self.save_dir,
+                )
+                self._offline = True
+                self._wandb_init["mode"] = "offline"
+                self._experiment = None
+        return super().experiment

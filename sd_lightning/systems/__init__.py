@@ -1,0 +1,5 @@
+"""LightningModules: thin training systems around the plain-PyTorch models and losses."""
+
+from sd_lightning.systems.vae import VAESystem
+
+__all__ = ["VAESystem"]

@@ -1,0 +1,248 @@
+"""Stage 1: the KL autoencoder trained against L1 + LPIPS + KL + PatchGAN, with manual optimization.
+
+Per batch: the autoencoder's optimizer steps on the generator loss; once the discriminator has
+started (``loss.disc_start``), the discriminator's optimizer steps on the hinge/vanilla loss of the
+detached reconstructions. ``global_step`` counts autoencoder steps only.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.strategies import DDPStrategy
+from torchmetrics import MeanMetric
+from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
+
+from sd_lightning.data.pipeline import SKIP_REASONS
+from sd_lightning.losses.autoencoder_loss import AutoencoderLoss
+from sd_lightning.models.autoencoder import AutoencoderKL
+from sd_lightning.systems.images import log_image, pairs_grid
+
+log = logging.getLogger(__name__)
+
+OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
+SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
+STAGE = "vae"
+
+
+def _noop() -> None:
+    pass
+
+
+class VAESystem(L.LightningModule):
+    """Trains ``autoencoder`` with ``loss`` (which owns the discriminator and the learned logvar).
+
+    Args:
+        autoencoder: the :class:`AutoencoderKL` to train.
+        loss: the :class:`AutoencoderLoss` (discriminator, LPIPS, weights, ``disc_start``).
+        optimizer: factory for the autoencoder's optimizer (``_partial_: true`` in the config);
+            it receives the autoencoder's parameters and the loss's ``logvar``.
+        disc_optimizer: factory for the discriminator's optimizer.
+        lr_scheduler / disc_lr_scheduler: optional factories, stepped per optimizer step.
+        accumulate_grad_batches: micro-batches per optimizer step (Lightning's Trainer option does
+            not apply under manual optimization).
+        gradient_clip_val: max gradient norm per optimizer (``None``: no clipping).
+        num_val_images: images of the first validation batch shown beside their reconstructions.
+    """
+
+    def __init__(
+        self,
+        autoencoder: AutoencoderKL,
+        loss: AutoencoderLoss,
+        optimizer: OptimizerFactory,
+        disc_optimizer: OptimizerFactory,
+        lr_scheduler: SchedulerFactory | None = None,
+        disc_lr_scheduler: SchedulerFactory | None = None,
+        accumulate_grad_batches: int = 1,
+        gradient_clip_val: float | None = None,
+        num_val_images: int = 8,
+    ):
+        super().__init__()
+        if accumulate_grad_batches < 1:
+            raise ValueError(
+                f"model.accumulate_grad_batches must be >= 1, got {accumulate_grad_batches}"
+            )
+        self.automatic_optimization = False
+        self.save_hyperparameters(
+            ignore=[
+                "autoencoder",
+                "loss",
+                "optimizer",
+                "disc_optimizer",
+                "lr_scheduler",
+                "disc_lr_scheduler",
+            ]
+        )
+        self.autoencoder = autoencoder
+        self.loss = loss
+        self.optimizer_factory, self.disc_optimizer_factory = optimizer, disc_optimizer
+        self.scheduler_factory, self.disc_scheduler_factory = lr_scheduler, disc_lr_scheduler
+        self.accumulate_grad_batches = accumulate_grad_batches
+        self.gradient_clip_val = gradient_clip_val
+        self.num_val_images = num_val_images
+        self.val_psnr = PeakSignalNoiseRatio(data_range=1.0)
+        self.val_ssim = StructuralSimilarityIndexMeasure(data_range=1.0)
+        self.val_lpips = MeanMetric()
+        self.register_buffer(
+            "skipped", torch.zeros(len(SKIP_REASONS), dtype=torch.long), persistent=True
+        )
+        self.run_config: dict[str, Any] | None = None  # the composed config, stored in checkpoints
+        self._val_batch: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    # -- setup and checkpoints -------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        size = getattr(datamodule, "image_size", None)
+        factor = self.autoencoder.downsample_factor
+        if size is not None and size % factor:
+            lo, hi = size // factor * factor, (size // factor + 1) * factor
+            raise ValueError(
+                f"data.image_size={size} is not divisible by the VAE's downsampling factor {factor} "
+                f"(2 ** (len(ch_mult) - 1)); use data.image_size={lo or hi} or {hi}"
+            )
+        if isinstance(self.trainer.strategy, DDPStrategy):
+            # Each optimizer's backward touches only its own network, and the discriminator is idle
+            # before disc_start: DDP must tolerate parameters without gradients.
+            self.trainer.strategy._ddp_kwargs["find_unused_parameters"] = True
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["sd_lightning"] = {"stage": STAGE, "config": self.run_config}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        found = checkpoint.get("sd_lightning", {}).get("stage")
+        if found != STAGE:
+            raise ValueError(
+                f"this checkpoint is from stage {found!r}, not stage {STAGE!r}: stage=vae resumes "
+                f"only from a stage-1 checkpoint (checkpoints/last.ckpt of a stage=vae run)"
+            )
+
+    # -- training ----------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.autoencoder(x, sample_posterior=False)[0]
+
+    def _count_skipped(self, batch: dict) -> None:
+        counts = batch.get("skipped") or {}
+        self.skipped += torch.tensor([counts.get(r, 0) for r in SKIP_REASONS], device=self.device)
+
+    def training_step(self, batch: dict, batch_idx: int) -> None:
+        x = batch["image"]
+        self._count_skipped(batch)
+        opt_ae, opt_d = self.optimizers()
+        # Lightning counts every optimizer's step in global_step under manual optimization
+        # (Lightning-AI/pytorch-lightning#17958): leave the discriminator's out, so that
+        # global_step, max_steps and disc_start all count autoencoder steps.
+        opt_d._on_before_step = opt_d._on_after_step = _noop
+        step = self.global_step
+        accumulate = self.accumulate_grad_batches
+        update = (batch_idx + 1) % accumulate == 0
+
+        recon, posterior = self.autoencoder(x)
+        with self.toggled_optimizer(opt_ae):
+            loss, logs = self.loss.generator_loss(
+                x, recon, posterior, step, last_layer=self.autoencoder.last_layer
+            )
+            self.manual_backward(loss / accumulate)
+            if update:
+                self._step(opt_ae)
+
+        d_logs: dict[str, torch.Tensor] = {}
+        if self.loss.disc_active(step):
+            with self.toggled_optimizer(opt_d):
+                d_loss, d_logs = self.loss.discriminator_loss(x, recon.detach(), step)
+                self.manual_backward(d_loss / accumulate)
+                if update:
+                    self._step(opt_d)
+
+        if update:
+            self._step_schedulers(disc_stepped=self.loss.disc_active(step))
+
+        bs = x.shape[0]
+        self.log("train/loss", logs.pop("loss"), prog_bar=True, batch_size=bs)
+        self.log_dict({f"train/{k}": v for k, v in {**logs, **d_logs}.items()}, batch_size=bs)
+        self._log_skipped()
+
+    def _log_skipped(self) -> None:
+        """Cumulative skipped-sample counts summed over ranks (one all-reduce, on every rank)."""
+        total = self.trainer.strategy.reduce(self.skipped.float(), reduce_op="sum")
+        self.log_dict(
+            {f"data/skipped_{r}": total[i] for i, r in enumerate(SKIP_REASONS)}, batch_size=1
+        )
+        self.log("data/skipped", total.sum(), batch_size=1)
+
+    def _step(self, optimizer) -> None:
+        if self.gradient_clip_val:
+            self.clip_gradients(
+                optimizer, gradient_clip_val=self.gradient_clip_val, gradient_clip_algorithm="norm"
+            )
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def _step_schedulers(self, disc_stepped: bool) -> None:
+        schedulers = self.lr_schedulers()
+        schedulers = (
+            schedulers if isinstance(schedulers, list) else [schedulers] if schedulers else []
+        )
+        stepped = ([True] if self.scheduler_factory else []) + (
+            [disc_stepped] if self.disc_scheduler_factory else []
+        )
+        for scheduler, was_stepped in zip(schedulers, stepped):
+            if was_stepped:
+                scheduler.step()
+
+    # -- validation --------------------------------------------------------------------------------
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        x = batch["image"]
+        bs = x.shape[0]
+        recon, posterior = self.autoencoder(x, sample_posterior=False)
+        _, logs = self.loss.generator_loss(x, recon, posterior, self.global_step)
+        x01, r01 = (x.float() + 1) / 2, (recon.float().clamp(-1, 1) + 1) / 2
+        self.val_psnr(r01, x01)
+        self.val_ssim(r01, x01)
+        if self.loss.perceptual is not None:
+            self.val_lpips(self.loss.perceptual(x.float(), recon.float().clamp(-1, 1)).flatten())
+            self.log("val/lpips", self.val_lpips, batch_size=bs)
+        val_logs = {f"val/{k}": v for k, v in logs.items() if k in ("loss", "nll", "rec", "kl")}
+        self.log_dict(val_logs, sync_dist=True, batch_size=bs)
+        self.log("val/psnr", self.val_psnr, prog_bar=True, batch_size=bs)
+        self.log("val/ssim", self.val_ssim, batch_size=bs)
+        if batch_idx == 0:
+            n = self.num_val_images
+            self._val_batch = (x[:n].detach().cpu(), recon[:n].detach().cpu())
+
+    def on_validation_epoch_end(self) -> None:
+        if (
+            self._val_batch is not None
+            and self.trainer.is_global_zero
+            and not self.trainer.sanity_checking
+        ):
+            path = log_image(
+                self.trainer,
+                "val/reconstructions",
+                pairs_grid(*self._val_batch),
+                caption="rows: inputs, then their reconstructions",
+            )
+            log.info("reconstruction grid: %s", path)
+        self._val_batch = None
+
+    def on_train_end(self) -> None:
+        total = int(self.skipped.sum())
+        if self.trainer.is_global_zero and total:
+            parts = ", ".join(f"{r}={int(n)}" for r, n in zip(SKIP_REASONS, self.skipped) if n)
+            log.warning("skipped %d bad samples on rank 0 (%s)", total, parts)
+
+    # -- optimizers --------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        ae_params = [*self.autoencoder.parameters(), self.loss.logvar]
+        opt_ae = self.optimizer_factory(ae_params)
+        opt_d = self.disc_optimizer_factory(self.loss.discriminator.parameters())
+        schedulers = [
+            self.scheduler_factory(opt_ae) if self.scheduler_factory else None,
+            self.disc_scheduler_factory(opt_d) if self.disc_scheduler_factory else None,
+        ]
+        if not any(schedulers):
+            return [opt_ae, opt_d]
+        return [opt_ae, opt_d], [s for s in schedulers if s is not None]
