@@ -5,13 +5,17 @@
     # stage 1 on your shards, 4 nodes x 8 GPUs, logging to wandb
     python -m sd_lightning stage=vae vae=sd data.urls='/data/laion/{000000..012345}.tar' \\
         data.image_size=256 trainer.devices=8 trainer.num_nodes=4 logger=wandb
-    # resume
-    python -m sd_lightning stage=vae hydra.run.dir=outputs/vae/runs/X ckpt_path=outputs/vae/runs/X/checkpoints/last.ckpt
+    # resume in the same run directory
+    python -m sd_lightning stage=vae hydra.run.dir=outputs/vae/runs/X \\
+        ckpt_path=outputs/vae/runs/X/checkpoints/last.ckpt
     # a sweep
     python -m sd_lightning -m experiment=demo model.optimizer.lr=1e-4,3e-4
 """
 
 from __future__ import annotations
+
+import re
+import sys
 
 import hydra
 from hydra.utils import get_method
@@ -19,13 +23,36 @@ from omegaconf import DictConfig
 
 import sd_lightning  # noqa: F401 - registers the config resolvers
 
+# `key=/data/{000000..012345}.tar`: a WebDataset brace pattern, which Hydra's override grammar would
+# read as a dict. Such values are quoted for Hydra, so shard lists can be passed as users write them.
+_BRACE_VALUE = re.compile(
+    r"^(?P<key>[+~]{0,2}[\w.\-/@]+)=(?P<value>[^'\"].*\{[^{}:]*(\.\.|,)[^{}:]*\}.*)$"
+)
+
+
+def quote_brace_patterns(args: list[str]) -> list[str]:
+    """Quote override values holding brace-expansion patterns (left alone if already quoted)."""
+    out = []
+    for arg in args:
+        m = _BRACE_VALUE.match(arg)
+        if m and not m["key"].startswith("hydra."):
+            value = m["value"].replace("\\", "\\\\").replace("'", "\\'")
+            arg = f"{m['key']}='{value}'"
+        out.append(arg)
+    return out
+
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
-def main(cfg: DictConfig) -> float | None:
+def _hydra_main(cfg: DictConfig) -> float | None:
     """Run the stage's entry function (``cfg.entry``, set by the ``stage`` config group)."""
     metrics = get_method(cfg.entry)(cfg)
     objective = cfg.get("optimized_metric")
     return metrics.get(objective) if objective and isinstance(metrics, dict) else None
+
+
+def main() -> None:
+    sys.argv[1:] = quote_brace_patterns(sys.argv[1:])
+    _hydra_main()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,130 @@
+"""The stage-1 loss against its definition, and the two optimizers in a real Trainer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from sd_lightning.losses import AutoencoderLoss, adaptive_weight, build_lpips
+from sd_lightning.models import AutoencoderKL, NLayerDiscriminator
+
+
+@pytest.fixture(scope="module")
+def lpips_random():
+    return build_lpips("random")
+
+
+def _setup(disc_start=0, perceptual=None, seed=0):
+    torch.manual_seed(seed)
+    ae = AutoencoderKL(ch=16, ch_mult=(1, 2), num_res_blocks=1, resolution=16, norm_groups=8)
+    loss = AutoencoderLoss(
+        NLayerDiscriminator(ndf=8, n_layers=1), perceptual, disc_start=disc_start
+    )
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    return ae, loss, x
+
+
+def test_adaptive_weight_matches_its_definition():
+    torch.manual_seed(0)
+    w = torch.randn(4, 3, requires_grad=True)
+    h = torch.randn(5, 4)
+    y = h @ w
+    nll, g = (y**2).sum(), -(y.sin()).mean()
+    got = adaptive_weight(nll, g, w)
+    # by hand: d(nll)/dw = 2 h^T y ; d(g)/dw = -h^T cos(y) / numel
+    grad_nll = 2 * h.T @ y
+    grad_g = -h.T @ y.cos() / y.numel()
+    expected = grad_nll.norm() / (grad_g.norm() + 1e-4)
+    torch.testing.assert_close(got, expected.detach().clamp(0, 1e4))
+    assert not got.requires_grad
+
+
+def test_adaptive_weight_is_finite_when_gradients_vanish():
+    w = torch.randn(3, requires_grad=True)
+    nll = (w * 2).sum()
+    g = (w * 0.0).sum()  # generator gradient exactly zero
+    assert torch.isfinite(adaptive_weight(nll, g, w, max_weight=1e4))
+    assert adaptive_weight(nll, g, w, max_weight=1e4) == 1e4
+    nan_g = (w * float("nan")).sum()
+    assert adaptive_weight(nll, nan_g, w) == 0.0
+
+
+def test_discriminator_terms_are_zero_before_disc_start():
+    ae, loss, x = _setup(disc_start=10)
+    recon, post = ae(x)
+    total, logs = loss.generator_loss(x, recon, post, step=9, last_layer=ae.last_layer)
+    assert logs["g_loss"] == 0 and logs["d_weight"] == 0 and logs["disc_factor"] == 0
+    torch.testing.assert_close(total, logs["nll"] + loss.kl_weight * logs["kl"])
+    d_loss, _ = loss.discriminator_loss(x, recon.detach(), step=9)
+    assert d_loss == 0
+    _, logs_on = loss.generator_loss(x, recon, post, step=10, last_layer=ae.last_layer)
+    assert logs_on["g_loss"] != 0 and logs_on["d_weight"] > 0
+
+
+def test_logvar_receives_gradients_and_enters_the_optimizer(cfg_factory):
+    ae, loss, x = _setup()
+    recon, post = ae(x)
+    total, _ = loss.generator_loss(x, recon, post, step=0, last_layer=ae.last_layer)
+    total.backward()
+    assert loss.logvar.grad is not None and loss.logvar.grad != 0
+    system = instantiate(cfg_factory().model)
+    opt_ae, _ = system.configure_optimizers()
+    assert any(p is system.loss.logvar for g in opt_ae.param_groups for p in g["params"])
+
+
+def test_lpips_gradients_reach_the_reconstruction(lpips_random):
+    ae, loss, x = _setup(perceptual=lpips_random)
+    recon = torch.zeros_like(x, requires_grad=True)
+    rec = loss.reconstruction(x, recon)
+    rec.sum().backward()
+    l1_only = torch.sign(recon - x).abs().sum()
+    assert recon.grad is not None and recon.grad.abs().sum() != l1_only  # LPIPS adds its own part
+    assert not any(p.requires_grad for p in lpips_random.parameters())
+    assert not any("perceptual" in k for k in loss.state_dict())  # frozen LPIPS stays out of ckpts
+
+
+def test_real_lpips_without_weights_names_the_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # an empty cache and no network here
+    with pytest.raises(FileNotFoundError, match="vgg16-397923af.pth"):
+        build_lpips("imagenet", weights_path=str(tmp_path / "missing.pth"))
+
+
+def _params(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items() if v.is_floating_point()}
+
+
+def _changed(before, module):
+    after = _params(module)
+    return [k for k in before if not torch.equal(before[k], after[k])]
+
+
+@pytest.mark.parametrize("disc_start", [0, 100])
+def test_both_optimizers_step_once_the_discriminator_started(cfg_factory, disc_start):
+    cfg = cfg_factory(f"loss.disc_start={disc_start}", "trainer.max_steps=3", "callbacks=none")
+    system = instantiate(cfg.model)
+    data = instantiate(cfg.data)
+    ae0, disc0 = _params(system.autoencoder), _params(system.loss.discriminator)
+    logvar0 = system.loss.logvar.detach().clone()
+    trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
+    trainer.fit(system, datamodule=data)
+    assert trainer.global_step == 3  # autoencoder steps; the discriminator's are not counted
+    assert _changed(ae0, system.autoencoder), "the autoencoder did not train"
+    assert system.loss.logvar.detach() != logvar0, "logvar did not train"
+    disc_weights = [k for k in disc0 if "running" not in k]
+    moved = [k for k in _changed(disc0, system.loss.discriminator) if k in disc_weights]
+    if disc_start == 0:
+        assert moved, "the discriminator did not train after disc_start"
+    else:
+        assert not moved, "the discriminator trained before disc_start"
+
+
+def test_real_lpips_with_an_empty_cache_names_the_file_and_the_fix(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    for var in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY"):
+        monkeypatch.setenv(var, "http://127.0.0.1:9")  # a dead proxy: the download can never happen
+    with pytest.raises(FileNotFoundError) as err:
+        build_lpips("imagenet")
+    msg = str(err.value)
+    assert str(tmp_path / "hub" / "checkpoints" / "vgg16-397923af.pth") in msg
+    assert "weights_path" in msg and "trunk=random" in msg
