@@ -6,13 +6,16 @@ lightning-hydra-template order: instantiate everything, fit, return the metrics.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from typing import Any
 
 import lightning as L
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
+from safetensors.torch import save_file
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +38,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     system.run_config = OmegaConf.to_container(cfg, resolve=True)  # stored in every checkpoint
     callbacks = _instantiate_group(cfg.get("callbacks"))
     loggers = _instantiate_group(cfg.get("logger"))
+    if not loggers:  # nothing to report learning rates to (Lightning would refuse to start)
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
     for logger in loggers:
@@ -42,9 +47,23 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     trainer.fit(system, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
 
-    checkpoint = trainer.checkpoint_callback
-    if checkpoint is not None and trainer.is_global_zero:
-        log.info(
-            "checkpoints in %s (last: %s)", checkpoint.dirpath, checkpoint.last_model_path or "-"
-        )
+    if trainer.is_global_zero:
+        checkpoint = trainer.checkpoint_callback
+        if checkpoint is not None:
+            last = checkpoint.last_model_path or "-"
+            log.info("checkpoints in %s (last: %s)", checkpoint.dirpath, last)
+        if hasattr(system, "export_weights"):
+            log.info(
+                "exported weights: %s", export_weights(system, cfg.paths.output_dir, cfg.stage)
+            )
     return {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+
+
+def export_weights(system: L.LightningModule, output_dir: str, stage: str) -> str:
+    """Write ``system.export_weights()`` to ``<output_dir>/export/<stage>.safetensors``; the
+    metadata holds the JSON config that rebuilds the network."""
+    state, meta = system.export_weights()
+    path = os.path.join(output_dir, "export", f"{stage}.safetensors")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    save_file(state, path, metadata={k: json.dumps(v) for k, v in meta.items()})
+    return path

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import tarfile
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import TINY, run_cli
+from hydra.utils import instantiate
+from safetensors import safe_open
 
 from sd_lightning.data import make_demo_shards
 
@@ -69,6 +72,14 @@ def test_train_checkpoint_and_resume(tmp_path):
     assert ckpt["sd_lightning"]["stage"] == "vae"
     assert ckpt["sd_lightning"]["config"]["vae"]["ch"] == 16
     assert not any("perceptual" in k for k in ckpt["state_dict"])
+
+    exported = run / "export" / "vae.safetensors"
+    with safe_open(exported, "pt") as f:
+        vae = instantiate(json.loads(f.metadata()["config"]))
+        vae.load_state_dict({k: f.get_tensor(k) for k in f.keys()})
+    torch.testing.assert_close(
+        vae.decoder.conv_out.weight, ckpt["state_dict"]["autoencoder.decoder.conv_out.weight"]
+    )
 
     rows = _metrics(run)
     assert _last_value(rows, "val/psnr") is not None

@@ -128,3 +128,17 @@ def test_real_lpips_with_an_empty_cache_names_the_file_and_the_fix(tmp_path, mon
     msg = str(err.value)
     assert str(tmp_path / "hub" / "checkpoints" / "vgg16-397923af.pth") in msg
     assert "weights_path" in msg and "trunk=random" in msg
+
+
+def test_gradient_accumulation_steps_once_per_n_batches(cfg_factory):
+    cfg = cfg_factory(
+        "model.accumulate_grad_batches=2",
+        "trainer.max_steps=2",
+        "callbacks=none",
+        "trainer.limit_val_batches=0",
+    )
+    system, data = instantiate(cfg.model), instantiate(cfg.data)
+    trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
+    trainer.fit(system, datamodule=data)
+    assert trainer.global_step == 2
+    assert trainer.fit_loop.epoch_loop.batch_progress.total.completed == 4

@@ -120,6 +120,18 @@ class VAESystem(L.LightningModule):
                 f"only from a stage-1 checkpoint (checkpoints/last.ckpt of a stage=vae run)"
             )
 
+    def export_weights(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The autoencoder's weights (CompVis names) and the config that builds it, for
+        safetensors export."""
+        state = {k: v.detach().cpu().contiguous() for k, v in self.autoencoder.state_dict().items()}
+        config = (self.run_config or {}).get("vae", {})
+        return state, {
+            "stage": STAGE,
+            "model": "autoencoder",
+            "config": config,
+            "step": self.global_step,
+        }
+
     # -- training ----------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.autoencoder(x, sample_posterior=False)[0]
