@@ -1,0 +1,7 @@
+"""Data: WebDataset shards (real or the generated demo set) into batches of images and captions."""
+
+from sd_lightning.data.datamodule import WebDataModule
+from sd_lightning.data.demo import make_demo_shards
+from sd_lightning.data.shards import expand_urls
+
+__all__ = ["WebDataModule", "expand_urls", "make_demo_shards"]

@@ -1,0 +1,188 @@
+"""``WebDataModule``: WebDataset shards (or the generated demo set) for training and validation."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from sd_lightning.data.demo import make_demo_shards
+from sd_lightning.data.pipeline import ShardPipeline
+from sd_lightning.data.shards import expand_urls
+from sd_lightning.data.transforms import ImageTransform
+
+log = logging.getLogger(__name__)
+
+
+class _EpochLoader(DataLoader):
+    """A DataLoader that tells its dataset the trainer's epoch before each pass, so resampled
+    shard streams differ per epoch and a resumed run continues the sequence."""
+
+    def __init__(self, *args, epoch_fn, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._epoch_fn = epoch_fn
+
+    def __iter__(self):
+        self.dataset.set_epoch(self._epoch_fn())
+        return super().__iter__()
+
+
+def _sizes_from_json(urls: list[str]) -> int | None:
+    """Total samples of ``urls`` from a ``sizes.json`` (shard name -> count) beside them."""
+    total = 0
+    cache: dict[str, dict] = {}
+    for url in urls:
+        folder, name = os.path.split(url)
+        if folder not in cache:
+            path = os.path.join(folder, "sizes.json")
+            if not os.path.isfile(path):
+                return None
+            with open(path) as f:
+                cache[folder] = json.load(f)
+        if name not in cache[folder]:
+            return None
+        total += int(cache[folder][name])
+    return total
+
+
+class WebDataModule(L.LightningDataModule):
+    """Images and captions from WebDataset shards.
+
+    Args:
+        urls: training shards (brace patterns, globs, ``::``-joined sources). ``None``: the demo set.
+        val_urls: validation shards. ``None``: hold out the last ``val_shards`` of ``urls``.
+        val_shards: shards held out of ``urls`` for validation when ``val_urls`` is not given.
+        image_size: side of the square training crop (pixels).
+        batch_size: per-device batch size.
+        num_workers: DataLoader workers per device.
+        samples_per_epoch: epoch length over all ranks; ``None`` reads ``sizes.json`` beside the
+            shards. Every rank gets the same number of batches.
+        demo: arguments of :func:`make_demo_shards` (used when ``urls`` is ``None``).
+    """
+
+    def __init__(
+        self,
+        urls: str | list[str] | None = None,
+        val_urls: str | list[str] | None = None,
+        val_shards: int = 1,
+        image_size: int = 64,
+        batch_size: int = 8,
+        val_batch_size: int | None = None,
+        num_workers: int = 2,
+        samples_per_epoch: int | None = None,
+        shuffle_buffer: int = 1000,
+        crop: str = "random",
+        hflip: bool = False,
+        min_size: int = 0,
+        seed: int = 0,
+        pin_memory: bool | None = None,
+        demo: dict[str, Any] | None = None,
+    ):
+        super().__init__()
+        if image_size <= 0:
+            raise ValueError(f"data.image_size must be positive, got {image_size}")
+        if batch_size <= 0:
+            raise ValueError(f"data.batch_size must be positive, got {batch_size}")
+        self.urls, self.val_urls, self.val_shards = urls, val_urls, val_shards
+        self.image_size, self.batch_size = image_size, batch_size
+        self.val_batch_size = val_batch_size or batch_size
+        self.num_workers, self.samples_per_epoch = num_workers, samples_per_epoch
+        self.shuffle_buffer, self.seed = shuffle_buffer, seed
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self.train_transform = ImageTransform(image_size, crop=crop, hflip=hflip)
+        self.val_transform = ImageTransform(image_size, crop="center")
+        self.min_size = min_size
+        self.demo = dict(demo or {})
+        self.train_shard_urls: list[str] = []
+        self.val_shard_urls: list[str] = []
+
+    # -- data on disk ----------------------------------------------------------------------------
+    @property
+    def uses_demo(self) -> bool:
+        return self.urls is None
+
+    def prepare_data(self) -> None:
+        """Generate the demo shards once (local rank 0 only, per Lightning's contract)."""
+        if self.uses_demo:
+            make_demo_shards(**self.demo)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.uses_demo:
+            demo_urls = make_demo_shards(**self.demo)  # already written: only returns the URLs
+            urls, val_urls = demo_urls["train"], self.val_urls or demo_urls["val"]
+        else:
+            urls, val_urls = self.urls, self.val_urls
+        train = expand_urls(urls, "data.urls")
+        if val_urls is not None:
+            val = expand_urls(val_urls, "data.val_urls")
+        elif self.val_shards > 0 and len(train) > self.val_shards:
+            train, val = train[: -self.val_shards], train[-self.val_shards :]
+            log.info("holding out the last %d shard(s) of data.urls for validation", self.val_shards)
+        else:
+            val = []
+            log.warning("no validation shards (data.val_urls unset and too few shards to hold out)")
+        self.train_shard_urls, self.val_shard_urls = train, val
+        if self.samples_per_epoch is None:
+            self.samples_per_epoch = _sizes_from_json(train)
+            if self.samples_per_epoch is None:
+                raise ValueError(
+                    "data.samples_per_epoch is unset and no sizes.json lists every training shard; "
+                    "set data.samples_per_epoch=N (samples in one epoch over all ranks)"
+                )
+
+    # -- loaders ---------------------------------------------------------------------------------
+    def _world_size(self) -> int:
+        return self.trainer.world_size if self.trainer is not None else 1
+
+    def batches_per_epoch(self) -> int:
+        """Training batches per rank in one epoch (the same on every rank)."""
+        per_rank = self.samples_per_epoch / (self.batch_size * self._world_size())
+        return max(1, math.ceil(per_rank / max(1, self.num_workers))) * max(1, self.num_workers)
+
+    def train_dataloader(self) -> DataLoader:
+        workers = max(1, self.num_workers)
+        dataset = ShardPipeline(
+            self.train_shard_urls,
+            self.train_transform,
+            self.batch_size,
+            resampled=True,
+            batches_per_worker=self.batches_per_epoch() // workers,
+            shuffle_buffer=self.shuffle_buffer,
+            seed=self.seed,
+            min_size=self.min_size,
+        )
+        return _EpochLoader(
+            dataset,
+            batch_size=None,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            epoch_fn=lambda: self.trainer.current_epoch if self.trainer is not None else 0,
+        )
+
+    def val_dataloader(self) -> DataLoader | list:
+        if not self.val_shard_urls:
+            return []
+        world = self._world_size()
+        split = len(self.val_shard_urls) >= world  # too few shards: every rank evaluates all
+        per_rank = len(self.val_shard_urls) // world if split else len(self.val_shard_urls)
+        dataset = ShardPipeline(
+            self.val_shard_urls,
+            self.val_transform,
+            self.val_batch_size,
+            resampled=False,
+            shuffle_buffer=0,
+            split_by_node=split,
+        )
+        dataset.set_epoch(0)
+        return DataLoader(
+            dataset,
+            batch_size=None,
+            num_workers=min(self.num_workers, per_rank),
+            pin_memory=self.pin_memory,
+        )

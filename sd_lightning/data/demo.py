@@ -1,0 +1,131 @@
+"""The embedded demo data set: coloured shapes on plain backgrounds, with captions that state the
+shape, the colour and the position ("a red circle at the top left").
+
+Generated once, deterministically from a seed, as real WebDataset shards (``.jpg`` + ``.txt`` +
+``.json`` per sample) plus a ``sizes.json``, so the demo goes through the same loader as real data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import shutil
+import tarfile
+import tempfile
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+log = logging.getLogger(__name__)
+
+COLORS = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (235, 205, 40),
+    "purple": (140, 60, 190),
+    "orange": (245, 135, 30),
+}
+SHAPES = ("circle", "square", "triangle")
+POSITIONS = {  # centre of the shape as a fraction of the image side
+    "top left": (0.28, 0.28),
+    "top right": (0.72, 0.28),
+    "bottom left": (0.28, 0.72),
+    "bottom right": (0.72, 0.72),
+    "center": (0.5, 0.5),
+}
+
+
+def draw_sample(rng: np.random.Generator, size: int) -> tuple[Image.Image, str, dict]:
+    """One image and its caption; every random choice comes from ``rng``."""
+    shape = SHAPES[rng.integers(len(SHAPES))]
+    color = list(COLORS)[rng.integers(len(COLORS))]
+    position = list(POSITIONS)[rng.integers(len(POSITIONS))]
+    gray = int(rng.integers(200, 246))
+    tint = rng.integers(-10, 11, size=3)
+    background = tuple(int(np.clip(gray + t, 0, 255)) for t in tint)
+    img = Image.new("RGB", (size, size), background)
+    draw = ImageDraw.Draw(img)
+    fx, fy = POSITIONS[position]
+    jitter = rng.uniform(-0.04, 0.04, size=2)
+    cx, cy = (fx + jitter[0]) * size, (fy + jitter[1]) * size
+    r = rng.uniform(0.13, 0.2) * size
+    fill = tuple(int(np.clip(c + d, 0, 255)) for c, d in zip(COLORS[color], rng.integers(-15, 16, 3)))
+    if shape == "circle":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    elif shape == "square":
+        draw.rectangle([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    else:
+        draw.polygon([(cx, cy - r), (cx - r, cy + 0.8 * r), (cx + r, cy + 0.8 * r)], fill=fill)
+    caption = f"a {color} {shape} at the {position}" if position != "center" else f"a {color} {shape} in the center"
+    meta = {"width": size, "height": size, "shape": shape, "color": color, "position": position}
+    return img, caption, meta
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0  # byte-identical shards for the same seed
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _write_split(out: str, prefix: str, n_shards: int, per_shard: int, size: int, seed: int) -> dict:
+    sizes = {}
+    for s in range(n_shards):
+        rng = np.random.default_rng([seed, s])
+        name = f"{prefix}-{s:06d}.tar"
+        with tarfile.open(os.path.join(out, name), "w", format=tarfile.USTAR_FORMAT) as tar:
+            for i in range(per_shard):
+                img, caption, meta = draw_sample(rng, size)
+                key = f"{prefix}{s:04d}{i:05d}"
+                buf = io.BytesIO()
+                img.save(buf, format="JPEG", quality=95)
+                meta["key"] = key
+                _add(tar, f"{key}.jpg", buf.getvalue())
+                _add(tar, f"{key}.txt", caption.encode())
+                _add(tar, f"{key}.json", json.dumps(meta).encode())
+        sizes[name] = per_shard
+    return sizes
+
+
+def make_demo_shards(
+    root: str,
+    image_size: int = 64,
+    train_shards: int = 8,
+    val_shards: int = 1,
+    samples_per_shard: int = 256,
+    seed: int = 0,
+) -> dict[str, str]:
+    """Write the demo set under ``root/<hash of the arguments>/`` unless it is already there.
+
+    Returns ``{"train": url, "val": url}`` as brace-expandable WebDataset URLs. Written to a
+    temporary folder and renamed into place, so an interrupted run never leaves half a data set.
+    """
+    args = dict(size=image_size, train=train_shards, val=val_shards, per=samples_per_shard, seed=seed)
+    tag = hashlib.sha1(json.dumps(args, sort_keys=True).encode()).hexdigest()[:10]
+    out = os.path.join(os.path.abspath(os.path.expanduser(root)), f"demo-{tag}")
+    urls = {
+        "train": os.path.join(out, f"train-{{000000..{train_shards - 1:06d}}}.tar"),
+        "val": os.path.join(out, f"val-{{000000..{val_shards - 1:06d}}}.tar"),
+    }
+    if os.path.isfile(os.path.join(out, "sizes.json")):
+        return urls
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".demo-", dir=os.path.dirname(out))
+    try:
+        log.info("Generating the demo data set (%s) in %s", args, out)
+        sizes = _write_split(tmp, "train", train_shards, samples_per_shard, image_size, seed)
+        sizes |= _write_split(tmp, "val", val_shards, samples_per_shard, image_size, seed + 1)
+        with open(os.path.join(tmp, "sizes.json"), "w") as f:
+            json.dump(sizes, f, indent=1)
+        try:
+            os.rename(tmp, out)
+        except OSError:  # another process finished first
+            if not os.path.isfile(os.path.join(out, "sizes.json")):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return urls

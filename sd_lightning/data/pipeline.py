@@ -1,0 +1,183 @@
+"""The WebDataset pipeline: shard lists -> samples -> decoded, transformed tensors -> batches.
+
+Bad samples never crash a run: each stage that can fail drops the sample and counts the reason in a
+per-worker ``SkipCounter``; every batch carries the counts since the previous batch of its worker
+(``batch["skipped"]``), so the training process can log totals however many workers there are.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import random
+from collections import Counter
+from collections.abc import Callable, Iterator
+
+import torch
+import webdataset as wds
+from webdataset.filters import _shuffle as shuffle
+from webdataset.tariterators import tarfile_samples
+from PIL import Image
+from torch.utils.data import IterableDataset
+
+from sd_lightning.data.transforms import ImageTransform
+
+log = logging.getLogger(__name__)
+
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+CAPTION_KEYS = ("txt", "caption")
+SKIP_REASONS = ("tar", "no_image", "decode", "no_caption", "too_small")
+
+
+class SkipCounter:
+    """Counts dropped samples by reason inside one worker."""
+
+    def __init__(self):
+        self.counts: Counter[str] = Counter()
+        self._reported: Counter[str] = Counter()
+
+    def tar_handler(self, exn: Exception) -> bool:
+        """``wds`` handler for unreadable tar members / truncated shards: count and go on."""
+        self.counts["tar"] += 1
+        log.warning("skipping unreadable tar data: %r", exn)
+        return True
+
+    def delta(self) -> dict[str, int]:
+        """Counts since the previous call (what the next batch reports)."""
+        out = {r: self.counts[r] - self._reported[r] for r in SKIP_REASONS}
+        self._reported = self.counts.copy()
+        return out
+
+
+def worker_info() -> tuple[int, int, int, int]:
+    """(rank, world_size, worker, num_workers) of the calling process."""
+    rank, world, worker, workers = wds.utils.pytorch_worker_info()
+    return rank, world, worker, workers
+
+
+def collate(samples: list[dict], counter: SkipCounter) -> dict:
+    return {
+        "image": torch.stack([s["image"] for s in samples]),
+        "caption": [s["caption"] for s in samples],
+        "key": [s["key"] for s in samples],
+        "skipped": counter.delta(),
+    }
+
+
+class ResampledShardList(IterableDataset):
+    """Shards drawn with replacement, seeded by (seed, epoch, rank, worker): a restarted run draws
+    the same stream, and ranks and workers draw different ones."""
+
+    def __init__(self, urls: list[str], seed: int = 0):
+        super().__init__()
+        self.urls, self.seed, self.epoch = list(urls), seed, 0
+
+    def __iter__(self) -> Iterator[dict]:
+        rank, _, worker, _ = worker_info()
+        rng = random.Random(f"{self.seed}-{self.epoch}-{rank}-{worker}")
+        while True:
+            yield {"url": rng.choice(self.urls)}
+
+
+class ShardPipeline(IterableDataset):
+    """Decoded, transformed, batched samples from a list of shard URLs.
+
+    Args:
+        urls: expanded shard URLs.
+        transform: PIL image -> tensor in [-1, 1].
+        batch_size: samples per batch (batching happens in the workers).
+        resampled: draw shards with replacement forever (training) or read each once (evaluation).
+        batches_per_worker: with ``resampled``, the length of one epoch in batches per worker.
+        shuffle_buffer: sample shuffle buffer per worker (0 disables).
+        split_by_node: in exact mode, give each rank a disjoint subset of shards.
+        min_size: drop images whose ``.json`` width or height is below this.
+    """
+
+    def __init__(
+        self,
+        urls: list[str],
+        transform: Callable[[Image.Image], torch.Tensor],
+        batch_size: int,
+        resampled: bool = True,
+        batches_per_worker: int | None = None,
+        shuffle_buffer: int = 1000,
+        seed: int = 0,
+        split_by_node: bool = True,
+        min_size: int = 0,
+    ):
+        super().__init__()
+        if resampled and not batches_per_worker:
+            raise ValueError("a resampled pipeline needs batches_per_worker (the epoch length)")
+        self.urls, self.transform, self.batch_size = urls, transform, batch_size
+        self.resampled, self.batches_per_worker = resampled, batches_per_worker
+        self.shuffle_buffer, self.seed, self.split_by_node = shuffle_buffer, seed, split_by_node
+        self.min_size = min_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _decode(self, counter: SkipCounter, samples: Iterator[dict]) -> Iterator[dict]:
+        for sample in samples:
+            key = next((k for k in IMAGE_KEYS if k in sample), None)
+            if key is None:
+                counter.counts["no_image"] += 1
+                continue
+            cap_key = next((k for k in CAPTION_KEYS if k in sample), None)
+            if cap_key is None:
+                counter.counts["no_caption"] += 1
+                continue
+            try:
+                if self.min_size and "json" in sample:
+                    meta = json.loads(sample["json"])
+                    if min(int(meta.get("width", 1 << 30)), int(meta.get("height", 1 << 30))) < self.min_size:
+                        counter.counts["too_small"] += 1
+                        continue
+                with Image.open(io.BytesIO(sample[key])) as img:
+                    image = self.transform(img.convert("RGB"))
+                caption = sample[cap_key].decode("utf-8").strip()
+            except Exception as exn:  # noqa: BLE001 - any undecodable sample is skipped and counted
+                counter.counts["decode"] += 1
+                log.warning(
+                    "skipping undecodable sample %s from %s: %r",
+                    sample.get("__key__"),
+                    sample.get("__url__"),
+                    exn,
+                )
+                continue
+            yield {"image": image, "caption": caption, "key": sample["__key__"]}
+
+    def _batch(self, counter: SkipCounter, samples: Iterator[dict]) -> Iterator[dict]:
+        buf: list[dict] = []
+        for s in samples:
+            buf.append(s)
+            if len(buf) == self.batch_size:
+                yield collate(buf, counter)
+                buf = []
+        if buf and not self.resampled:  # evaluation keeps the last partial batch
+            yield collate(buf, counter)
+
+    def __iter__(self) -> Iterator[dict]:
+        counter = SkipCounter()
+        rank, _, worker, _ = worker_info()
+        if self.resampled:
+            shards = ResampledShardList(self.urls, self.seed)
+            shards.epoch = self.epoch
+            stream = iter(shards)
+        else:
+            stream = ({"url": u} for u in self.urls)
+            if self.split_by_node:
+                stream = wds.split_by_node(stream)
+            stream = wds.split_by_worker(stream)
+        samples = tarfile_samples(stream, handler=counter.tar_handler)
+        if self.shuffle_buffer > 0:
+            rng = random.Random(f"shuffle-{self.seed}-{self.epoch}-{rank}-{worker}")
+            samples = shuffle(samples, self.shuffle_buffer, min(100, self.shuffle_buffer), rng)
+        batches = self._batch(counter, self._decode(counter, samples))
+        if not self.resampled:
+            yield from batches
+            return
+        for _, batch in zip(range(self.batches_per_worker), batches):
+            yield batch
+
