@@ -142,3 +142,12 @@ def test_gradient_accumulation_steps_once_per_n_batches(cfg_factory):
     trainer.fit(system, datamodule=data)
     assert trainer.global_step == 2
     assert trainer.fit_loop.epoch_loop.batch_progress.total.completed == 4
+
+
+def test_pixel_loss_l2_is_squared_error():
+    ae, loss, x = _setup()
+    loss.pixel_loss = "l2"
+    recon = torch.zeros_like(x)
+    torch.testing.assert_close(loss.reconstruction(x, recon), x.pow(2))
+    with pytest.raises(ValueError, match="loss.pixel_loss must be 'l1' or 'l2', got 'huber'"):
+        AutoencoderLoss(NLayerDiscriminator(), pixel_loss="huber")

@@ -123,7 +123,9 @@ class WebDataModule(L.LightningDataModule):
             val = expand_urls(val_urls, "data.val_urls")
         elif self.val_shards > 0 and len(train) > self.val_shards:
             train, val = train[: -self.val_shards], train[-self.val_shards :]
-            log.info("holding out the last %d shard(s) of data.urls for validation", self.val_shards)
+            log.info(
+                "holding out the last %d shard(s) of data.urls for validation", self.val_shards
+            )
         else:
             val = []
             log.warning("no validation shards (data.val_urls unset and too few shards to hold out)")

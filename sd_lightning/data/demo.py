@@ -53,14 +53,20 @@ def draw_sample(rng: np.random.Generator, size: int) -> tuple[Image.Image, str, 
     jitter = rng.uniform(-0.04, 0.04, size=2)
     cx, cy = (fx + jitter[0]) * size, (fy + jitter[1]) * size
     r = rng.uniform(0.13, 0.2) * size
-    fill = tuple(int(np.clip(c + d, 0, 255)) for c, d in zip(COLORS[color], rng.integers(-15, 16, 3)))
+    fill = tuple(
+        int(np.clip(c + d, 0, 255)) for c, d in zip(COLORS[color], rng.integers(-15, 16, 3))
+    )
     if shape == "circle":
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
     elif shape == "square":
         draw.rectangle([cx - r, cy - r, cx + r, cy + r], fill=fill)
     else:
         draw.polygon([(cx, cy - r), (cx - r, cy + 0.8 * r), (cx + r, cy + 0.8 * r)], fill=fill)
-    caption = f"a {color} {shape} at the {position}" if position != "center" else f"a {color} {shape} in the center"
+    caption = (
+        f"a {color} {shape} at the {position}"
+        if position != "center"
+        else f"a {color} {shape} in the center"
+    )
     meta = {"width": size, "height": size, "shape": shape, "color": color, "position": position}
     return img, caption, meta
 
@@ -72,7 +78,9 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def _write_split(out: str, prefix: str, n_shards: int, per_shard: int, size: int, seed: int) -> dict:
+def _write_split(
+    out: str, prefix: str, n_shards: int, per_shard: int, size: int, seed: int
+) -> dict:
     sizes = {}
     for s in range(n_shards):
         rng = np.random.default_rng([seed, s])
@@ -104,7 +112,9 @@ def make_demo_shards(
     Returns ``{"train": url, "val": url}`` as brace-expandable WebDataset URLs. Written to a
     temporary folder and renamed into place, so an interrupted run never leaves half a data set.
     """
-    args = dict(size=image_size, train=train_shards, val=val_shards, per=samples_per_shard, seed=seed)
+    args = dict(
+        size=image_size, train=train_shards, val=val_shards, per=samples_per_shard, seed=seed
+    )
     tag = hashlib.sha1(json.dumps(args, sort_keys=True).encode()).hexdigest()[:10]
     out = os.path.join(os.path.abspath(os.path.expanduser(root)), f"demo-{tag}")
     urls = {

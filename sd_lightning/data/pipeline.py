@@ -16,12 +16,10 @@ from collections.abc import Callable, Iterator
 
 import torch
 import webdataset as wds
-from webdataset.filters import _shuffle as shuffle
-from webdataset.tariterators import tarfile_samples
 from PIL import Image
 from torch.utils.data import IterableDataset
-
-from sd_lightning.data.transforms import ImageTransform
+from webdataset.filters import _shuffle as shuffle
+from webdataset.tariterators import tarfile_samples
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +129,10 @@ class ShardPipeline(IterableDataset):
             try:
                 if self.min_size and "json" in sample:
                     meta = json.loads(sample["json"])
-                    if min(int(meta.get("width", 1 << 30)), int(meta.get("height", 1 << 30))) < self.min_size:
+                    if (
+                        min(int(meta.get("width", 1 << 30)), int(meta.get("height", 1 << 30)))
+                        < self.min_size
+                    ):
                         counter.counts["too_small"] += 1
                         continue
                 with Image.open(io.BytesIO(sample[key])) as img:
@@ -180,4 +181,3 @@ class ShardPipeline(IterableDataset):
             return
         for _, batch in zip(range(self.batches_per_worker), batches):
             yield batch
-

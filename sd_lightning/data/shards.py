@@ -23,7 +23,9 @@ def expand_urls(urls: str | Sequence[str], name: str = "data.urls") -> list[str]
     shards when only some do.
     """
     if urls is None or (isinstance(urls, str) and not urls.strip()):
-        raise ValueError(f"{name} is empty: give shard URLs such as /data/laion/{{000000..000099}}.tar")
+        raise ValueError(
+            f"{name} is empty: give shard URLs such as /data/laion/{{000000..000099}}.tar"
+        )
     sources = urls.split("::") if isinstance(urls, str) else [str(u) for u in urls]
     out: list[str] = []
     for source in sources:
@@ -38,7 +40,9 @@ def expand_urls(urls: str | Sequence[str], name: str = "data.urls") -> list[str]
     if local and len(missing) == len(local) and len(local) == len(out):
         raise FileNotFoundError(f"{name} matched no files: {urls}")
     if missing:
-        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        shown = ", ".join(missing[:5]) + (
+            f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        )
         raise FileNotFoundError(f"{name}: {len(missing)} of {len(out)} shards are missing: {shown}")
     if not out:
         raise FileNotFoundError(f"{name} matched no files: {urls}")
