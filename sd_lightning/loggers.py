@@ -36,7 +36,6 @@ def wandb_logger(save_dir: str, offline: bool | None = None, **kwargs) -> WandbL
             mode is None and not _has_wandb_key()
         )
     if offline:
-        os.environ.setdefault("WANDB_MODE", "offline")
         log.warning(
             "wandb: no API key found (or WANDB_MODE=%s): logging OFFLINE to %s/wandb. "
             "Upload later with `wandb sync %s/wandb/offline-run-*`, or run `wandb login` first.",

@@ -14,6 +14,7 @@ from typing import Any
 import lightning as L
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
 
@@ -45,7 +46,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     for logger in loggers:
         logger.log_hyperparams(system.run_config)
 
-    trainer.fit(system, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    try:
+        trainer.fit(system, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    finally:
+        _finish_wandb(loggers)  # each job of a multirun sweep gets its own wandb run
 
     if trainer.is_global_zero:
         checkpoint = trainer.checkpoint_callback
@@ -57,6 +61,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
                 "exported weights: %s", export_weights(system, cfg.paths.output_dir, cfg.stage)
             )
     return {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+
+
+def _finish_wandb(loggers: list[Any]) -> None:
+    for logger in loggers:
+        if isinstance(logger, WandbLogger) and logger._experiment is not None:
+            logger.experiment.finish()
 
 
 def export_weights(system: L.LightningModule, output_dir: str, stage: str) -> str:

@@ -69,9 +69,19 @@ def cfg_factory(tmp_path, data_dir):
     return make
 
 
-def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300, env: dict | None = None):
-    """``python -m sd_lightning ARGS`` in a real subprocess; returns the CompletedProcess."""
+def run_cli(
+    *args: str,
+    cwd: Path | None = None,
+    timeout: float = 300,
+    env: dict | None = None,
+    unset: tuple[str, ...] = (),
+):
+    """``python -m sd_lightning ARGS`` in a real subprocess; returns the CompletedProcess.
+
+    wandb runs offline unless ``unset`` removes ``WANDB_MODE``."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline", **(env or {})}
+    for var in unset:
+        full_env.pop(var, None)
     return subprocess.run(
         [sys.executable, "-m", "sd_lightning", *args],
         cwd=cwd or ROOT,

@@ -135,3 +135,25 @@ def test_bad_input_fails_before_training(tmp_path, override, message):
     assert out.returncode != 0
     assert message in out.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_multirun_sweep_runs_each_value(tmp_path):
+    sweep = tmp_path / "sweep"
+    out = run_cli(
+        "-m",
+        *CLI_TINY,
+        f"paths.data_dir={tmp_path / 'data'}",
+        f"hydra.sweep.dir={sweep}",
+        "trainer.max_steps=1",
+        "model.optimizer.lr=1e-4,1e-3",
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    for job in ("0", "1"):
+        assert (sweep / job / "checkpoints" / "last.ckpt").is_file()
+    lrs = {
+        torch.load(sweep / j / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)[
+            "sd_lightning"
+        ]["config"]["model"]["optimizer"]["lr"]
+        for j in ("0", "1")
+    }
+    assert lrs == {1e-4, 1e-3}

@@ -151,3 +151,17 @@ def test_pixel_loss_l2_is_squared_error():
     torch.testing.assert_close(loss.reconstruction(x, recon), x.pow(2))
     with pytest.raises(ValueError, match="loss.pixel_loss must be 'l1' or 'l2', got 'huber'"):
         AutoencoderLoss(NLayerDiscriminator(), pixel_loss="huber")
+
+
+def test_bf16_mixed_precision_trains_both_networks(cfg_factory):
+    """The same manual-optimization path as on A100/H100s, under CPU bf16 autocast."""
+    cfg = cfg_factory(
+        "trainer.precision=bf16-mixed", "loss.disc_start=0", "trainer.max_steps=2", "callbacks=none"
+    )
+    system, data = instantiate(cfg.model), instantiate(cfg.data)
+    ae0, disc0 = _params(system.autoencoder), _params(system.loss.discriminator)
+    trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
+    trainer.fit(system, datamodule=data)
+    assert _changed(ae0, system.autoencoder) and _changed(disc0, system.loss.discriminator)
+    assert all(torch.isfinite(p).all() for p in system.parameters())
+    assert next(system.autoencoder.parameters()).dtype == torch.float32  # master weights stay fp32
