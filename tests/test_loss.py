@@ -165,3 +165,17 @@ def test_bf16_mixed_precision_trains_both_networks(cfg_factory):
     assert _changed(ae0, system.autoencoder) and _changed(disc0, system.loss.discriminator)
     assert all(torch.isfinite(p).all() for p in system.parameters())
     assert next(system.autoencoder.parameters()).dtype == torch.float32  # master weights stay fp32
+
+
+def test_imagenet_trunk_loads_torchvision_vgg16_weights_from_a_file(tmp_path):
+    """The real loading path, fed a torchvision VGG16 state dict (random weights, same format)."""
+    import torchvision
+
+    torch.manual_seed(0)
+    vgg = torchvision.models.vgg16(weights=None)
+    path = tmp_path / "vgg16-397923af.pth"
+    torch.save({k: v for k, v in vgg.state_dict().items() if k.startswith("features.")}, path)
+    model = build_lpips("imagenet", weights_path=str(path))
+    torch.testing.assert_close(model.net.slice1[0].weight, vgg.features[0].weight)
+    torch.testing.assert_close(model.net.slice5[28].bias, vgg.features[28].bias)
+    assert not any(p.requires_grad for p in model.parameters())
