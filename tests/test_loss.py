@@ -177,5 +177,5 @@ def test_imagenet_trunk_loads_torchvision_vgg16_weights_from_a_file(tmp_path):
     torch.save({k: v for k, v in vgg.state_dict().items() if k.startswith("features.")}, path)
     model = build_lpips("imagenet", weights_path=str(path))
     torch.testing.assert_close(model.net.slice1[0].weight, vgg.features[0].weight)
-    torch.testing.assert_close(model.net.slice5[28].bias, vgg.features[28].bias)
+    torch.testing.assert_close(getattr(model.net.slice5, "28").bias, vgg.features[28].bias)
     assert not any(p.requires_grad for p in model.parameters())
