@@ -1,0 +1,1 @@
+"""Diffusion maths as pure functions: noise schedules, prediction targets, samplers."""
