@@ -48,12 +48,6 @@ class SkipCounter:
         return out
 
 
-def worker_info() -> tuple[int, int, int, int]:
-    """(rank, world_size, worker, num_workers) of the calling process."""
-    rank, world, worker, workers = wds.utils.pytorch_worker_info()
-    return rank, world, worker, workers
-
-
 def collate(samples: list[dict], counter: SkipCounter) -> dict:
     return {
         "image": torch.stack([s["image"] for s in samples]),
@@ -63,19 +57,14 @@ def collate(samples: list[dict], counter: SkipCounter) -> dict:
     }
 
 
-class ResampledShardList(IterableDataset):
+def resampled_shards(
+    urls: list[str], seed: int, epoch: int, rank: int, worker: int
+) -> Iterator[dict]:
     """Shards drawn with replacement, seeded by (seed, epoch, rank, worker): a restarted run draws
     the same stream, and ranks and workers draw different ones."""
-
-    def __init__(self, urls: list[str], seed: int = 0):
-        super().__init__()
-        self.urls, self.seed, self.epoch = list(urls), seed, 0
-
-    def __iter__(self) -> Iterator[dict]:
-        rank, _, worker, _ = worker_info()
-        rng = random.Random(f"{self.seed}-{self.epoch}-{rank}-{worker}")
-        while True:
-            yield {"url": rng.choice(self.urls)}
+    rng = random.Random(f"{seed}-{epoch}-{rank}-{worker}")
+    while True:
+        yield {"url": rng.choice(urls)}
 
 
 class ShardPipeline(IterableDataset):
@@ -161,11 +150,9 @@ class ShardPipeline(IterableDataset):
 
     def __iter__(self) -> Iterator[dict]:
         counter = SkipCounter()
-        rank, _, worker, _ = worker_info()
+        rank, _, worker, _ = wds.utils.pytorch_worker_info()
         if self.resampled:
-            shards = ResampledShardList(self.urls, self.seed)
-            shards.epoch = self.epoch
-            stream = iter(shards)
+            stream = resampled_shards(self.urls, self.seed, self.epoch, rank, worker)
         else:
             stream = ({"url": u} for u in self.urls)
             if self.split_by_node:

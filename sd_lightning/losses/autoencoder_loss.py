@@ -110,13 +110,18 @@ class AutoencoderLoss(nn.Module):
     def disc_active(self, step: int) -> bool:
         return self.disc_factor > 0 and step >= self.disc_start
 
-    def reconstruction(self, inputs: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
-        """Per-pixel L1 (or L2) plus the per-image LPIPS distance broadcast over pixels."""
+    def reconstruction(
+        self, inputs: torch.Tensor, recon: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-pixel L1 (or L2) plus the per-image LPIPS distance broadcast over pixels; also
+        returns the per-image LPIPS distances (zeros when LPIPS is off)."""
         diff = inputs - recon
         rec = self.pixel_weight * (diff.abs() if self.pixel_loss == "l1" else diff.pow(2))
+        p_loss = torch.zeros(inputs.shape[0], 1, 1, 1, device=inputs.device)
         if self.perceptual is not None and self.perceptual_weight > 0:
-            rec = rec + self.perceptual_weight * self.perceptual(inputs, recon).float()
-        return rec
+            p_loss = self.perceptual(inputs, recon).float()
+            rec = rec + self.perceptual_weight * p_loss
+        return rec, p_loss.flatten()
 
     def generator_loss(
         self,
@@ -129,7 +134,7 @@ class AutoencoderLoss(nn.Module):
         """Loss for the autoencoder's optimizer. ``last_layer`` enables the adaptive weight
         (needs autograd; without it, e.g. in validation, the weight is 0)."""
         inputs, recon = inputs.float(), recon.float()
-        rec = self.reconstruction(inputs, recon)
+        rec, p_loss = self.reconstruction(inputs, recon)
         batch = inputs.shape[0]
         nll = (rec / torch.exp(self.logvar) + self.logvar).sum() / batch
         kl = posterior.kl().float().sum() / batch
@@ -148,6 +153,7 @@ class AutoencoderLoss(nn.Module):
             "loss": loss.detach(),
             "nll": nll.detach(),
             "rec": rec.detach().mean(),
+            "lpips": p_loss.detach().mean(),
             "kl": kl.detach(),
             "logvar": self.logvar.detach(),
             "g_loss": g_loss.detach(),

@@ -214,8 +214,8 @@ class VAESystem(L.LightningModule):
         x01, r01 = (x.float() + 1) / 2, (recon.float().clamp(-1, 1) + 1) / 2
         self.val_psnr(r01, x01)
         self.val_ssim(r01, x01)
-        if self.loss.perceptual is not None:
-            self.val_lpips(self.loss.perceptual(x.float(), recon.float().clamp(-1, 1)).flatten())
+        if self.loss.perceptual is not None:  # the loss already measured LPIPS on this batch
+            self.val_lpips.update(logs["lpips"], weight=bs)
             self.log("val/lpips", self.val_lpips, batch_size=bs)
         val_logs = {f"val/{k}": v for k, v in logs.items() if k in ("loss", "nll", "rec", "kl")}
         self.log_dict(val_logs, sync_dist=True, batch_size=bs)
