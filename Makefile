@@ -24,8 +24,22 @@ test: $(STAMP) ## run the whole test suite (installs first)
 test-fast: $(STAMP) ## run the tests not marked slow
 	$(BIN)/pytest tests -m "not slow"
 
-demo: $(STAMP) ## train stage 1 (VAE + PatchGAN) on the embedded demo data (installs first)
-	$(BIN)/python -m sd_lightning experiment=demo
+DEMO_DIR := outputs/demo/$(shell date +%Y-%m-%d_%H-%M-%S)
+DEMO_PROMPTS := "prompts=['a red circle in the center','a green square at the top left',\
+  'a blue triangle at the bottom right','a yellow circle at the top right',\
+  'a purple square in the center','an orange triangle at the bottom left',\
+  'a red square at the bottom left','a green circle at the bottom right',\
+  'a blue circle at the top left','a yellow triangle in the center',\
+  'a purple circle at the top right','an orange square in the center']"
+
+demo: $(STAMP) ## the whole pipeline on the embedded demo data: VAE, latent diffusion, sampling
+	$(BIN)/python -m sd_lightning experiment=demo_vae hydra.run.dir=$(DEMO_DIR)/vae
+	$(BIN)/python -m sd_lightning experiment=demo_ldm hydra.run.dir=$(DEMO_DIR)/ldm \
+	  vae_ckpt=$(DEMO_DIR)/vae/checkpoints/last.ckpt
+	$(BIN)/python -m sd_lightning stage=sample hydra.run.dir=$(DEMO_DIR)/samples \
+	  ckpt=$(DEMO_DIR)/ldm/checkpoints/last.ckpt $(DEMO_PROMPTS) steps=25 guidance=5.0
+	$(BIN)/python -m sd_lightning.data.demo score $(DEMO_DIR)/samples
+	@echo "demo images: $(DEMO_DIR)/samples (grid.png); runs: $(DEMO_DIR)/{vae,ldm}"
 
 lint: $(STAMP) ## ruff check and format check
 	$(BIN)/ruff check sd_lightning tests

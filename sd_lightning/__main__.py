@@ -1,7 +1,7 @@
 """Command line: ``python -m sd_lightning stage=<stage> [overrides]``.
 
     # stage 1 on the embedded demo data (CPU or GPU)
-    python -m sd_lightning experiment=demo
+    python -m sd_lightning experiment=demo_vae
     # stage 1 on your shards, 4 nodes x 8 GPUs, logging to wandb
     python -m sd_lightning stage=vae vae=sd data.urls='/data/laion/{000000..012345}.tar' \\
         data.image_size=256 trainer.devices=8 trainer.num_nodes=4 logger=wandb
@@ -9,7 +9,11 @@
     python -m sd_lightning stage=vae hydra.run.dir=outputs/vae/runs/X \\
         ckpt_path=outputs/vae/runs/X/checkpoints/last.ckpt
     # a sweep
-    python -m sd_lightning -m experiment=demo model.optimizer.lr=1e-4,3e-4
+    python -m sd_lightning -m experiment=demo_vae model.optimizer.lr=1e-4,3e-4
+    # stage 2 on a stage-1 checkpoint, then images from prompts
+    python -m sd_lightning stage=ldm vae_ckpt=outputs/vae/runs/X/checkpoints/last.ckpt
+    python -m sd_lightning stage=sample ckpt=outputs/ldm/runs/Y/checkpoints/last.ckpt \
+        prompts='["a red circle at the top left", "a blue square"]' steps=50 guidance=7.5
 """
 
 from __future__ import annotations

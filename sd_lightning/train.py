@@ -28,8 +28,19 @@ def _instantiate_group(group: DictConfig | None) -> list[Any]:
     return [instantiate(node) for node in group.values() if node is not None and "_target_" in node]
 
 
+def require(cfg: DictConfig) -> None:
+    """Top-level values a stage marks ``???`` (``vae_ckpt``, ``ckpt``) must be given."""
+    for key in cfg:
+        if OmegaConf.is_missing(cfg, key):
+            raise ValueError(
+                f"stage={cfg.get('stage')} needs {key}=... on the command line "
+                f"(see conf/stage/{cfg.get('stage')}.yaml for what it takes)"
+            )
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit ``cfg.model`` on ``cfg.data`` with ``cfg.trainer``; returns the final logged metrics."""
+    require(cfg)
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     os.makedirs(cfg.paths.output_dir, exist_ok=True)

@@ -18,8 +18,9 @@ import sd_lightning  # noqa: F401 - registers resolvers
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 
-# Sizes every test run uses: a 32 px demo set of a few small shards and a ~100K-parameter VAE.
-TINY = [
+# Sizes every test run uses: a 32 px demo set of a few small shards, a ~100K-parameter VAE and a
+# ~200K-parameter U-Net with a 32-wide random text tower.
+DATA_TINY = [
     "trainer=debug",
     "logger=none",
     "data.image_size=32",
@@ -31,11 +32,32 @@ TINY = [
     "data.demo.train_shards=3",
     "data.demo.val_shards=1",
     "data.demo.samples_per_shard=16",
+]
+TINY = [
+    *DATA_TINY,
     "vae.ch=16",
     "vae.norm_groups=8",
     "loss.discriminator.ndf=8",
     "loss.discriminator.n_layers=2",
     "loss.perceptual.trunk=random",
+]
+LDM_TINY = [
+    *DATA_TINY,
+    "stage=ldm",
+    "unet.model_channels=32",
+    "unet.channel_mult=[1,2]",
+    "unet.attention_levels=[1]",
+    "unet.num_head_channels=16",
+    "unet.norm_groups=8",
+    "unet.context_dim=32",
+    "text_encoder.random_text_cfg.width=32",
+    "text_encoder.random_text_cfg.output_dim=32",
+    "text_encoder.random_text_cfg.layers=2",
+    "text_encoder.random_text_cfg.context_length=16",
+    "model.val_prompts=['a red circle','a blue square']",
+    "model.val_sampler.steps=2",
+    "model.lr_scheduler=null",
+    "model.optimizer.lr=1e-3",
 ]
 
 
@@ -59,6 +81,16 @@ def compose_config(overrides: list[str], output_dir: Path, data_dir: Path) -> Di
 def data_dir(tmp_path_factory) -> Path:
     """A session-wide data folder (the tiny demo set is generated once into it)."""
     return tmp_path_factory.mktemp("data")
+
+
+@pytest.fixture(scope="session")
+def vae_ckpt(tmp_path_factory, data_dir) -> Path:
+    """A stage-1 checkpoint of the tiny VAE (two real training steps), shared by stage-2 tests."""
+    from sd_lightning.train import train
+
+    run = tmp_path_factory.mktemp("vae_run")
+    train(compose_config([*TINY, "trainer.max_steps=2"], run, data_dir))
+    return run / "checkpoints" / "last.ckpt"
 
 
 @pytest.fixture
@@ -90,3 +122,15 @@ def run_cli(
         text=True,
         timeout=timeout,
     )
+
+
+@pytest.fixture
+def ldm_cfg_factory(tmp_path, data_dir, vae_ckpt):
+    """The stage-2 config at tiny sizes, on the shared tiny stage-1 checkpoint."""
+
+    def make(*overrides: str) -> DictConfig:
+        return compose_config(
+            [*LDM_TINY, f"vae_ckpt={vae_ckpt}", *overrides], tmp_path / "run", data_dir
+        )
+
+    return make

@@ -90,6 +90,8 @@ def test_train_checkpoint_and_resume(tmp_path):
     assert "Restoring states from the checkpoint path" in second.stdout + second.stderr
     resumed = torch.load(last, map_location="cpu", weights_only=True)
     assert resumed["global_step"] == 9  # continued from 6, not restarted
+    skipped = ckpt["sd_lightning"]["skipped"]["decode"]
+    assert skipped >= 1 and resumed["sd_lightning"]["skipped"]["decode"] >= skipped  # carried on
     assert not torch.equal(
         resumed["state_dict"]["autoencoder.decoder.conv_out.weight"],
         ckpt["state_dict"]["autoencoder.decoder.conv_out.weight"],
@@ -110,7 +112,7 @@ def test_checkpoint_of_another_stage_is_refused(tmp_path):
     kept = (run / "checkpoints" / "last.ckpt").read_bytes()
     out = run_cli("stage=vae", *args, "trainer.max_steps=2", f"ckpt_path={other}")
     assert out.returncode != 0
-    assert "from stage 'ldm', not stage 'vae'" in out.stderr
+    assert "ckpt_path is a checkpoint of stage 'ldm', not stage 'vae'" in out.stderr
     assert (run / "checkpoints" / "last.ckpt").read_bytes() == kept  # nothing overwritten
 
 

@@ -4,10 +4,22 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import CONF
+from conftest import CONF, LDM_TINY, TINY
 from hydra.utils import instantiate
 
-GROUPS = ["vae", "loss", "model", "data", "trainer", "callbacks", "logger", "experiment", "stage"]
+GROUPS = [
+    "vae",
+    "loss",
+    "unet",
+    "text_encoder",
+    "model",
+    "data",
+    "trainer",
+    "callbacks",
+    "logger",
+    "experiment",
+    "stage",
+]
 
 
 def _options(group: str) -> list[str]:
@@ -57,14 +69,49 @@ def test_callback_options_instantiate(cfg_factory, option):
     assert all(callbacks)
 
 
+def _stage_of(experiment: str | None) -> str:
+    if experiment is None:
+        return "vae"
+    text = (CONF / "experiment" / f"{experiment}.yaml").read_text()
+    return "ldm" if "override /stage: ldm" in text else "vae"
+
+
 @pytest.mark.parametrize("option", _options("experiment") + [None])
-def test_experiments_and_stage_build_system_and_data(cfg_factory, option):
+def test_experiments_and_stage_build_system_and_data(cfg_factory, option, vae_ckpt):
     overrides = [f"experiment={option}"] if option else []
-    cfg = cfg_factory(*overrides)
-    system = instantiate(cfg.model)
+    if _stage_of(option) == "ldm":
+        base = [o for o in LDM_TINY if not o.startswith(("unet.", "text_encoder.", "model.val"))]
+        cfg = cfg_factory(*base, *overrides, f"vae_ckpt={vae_ckpt}", tiny=False)
+        system = instantiate(cfg.model)
+        assert system.automatic_optimization is True
+        assert system.unet.config["context_dim"] == system.text_encoder.net.width
+    else:
+        # an experiment may switch LPIPS off (perceptual: null): then there is no trunk to set
+        base = [o for o in TINY if not (option and o.startswith("loss.perceptual."))]
+        cfg = cfg_factory(*base, *overrides, tiny=False)
+        system = instantiate(cfg.model)
+        assert system.automatic_optimization is False
     data = instantiate(cfg.data)
-    assert system.automatic_optimization is False
     assert data.image_size == cfg.data.image_size
+
+
+@pytest.mark.parametrize("option", _options("unet"))
+def test_unet_presets_compose_and_build(cfg_factory, option):
+    cfg = cfg_factory("stage=ldm", f"unet={option}", tiny=False)
+    with torch.device("meta"):  # sd15/sd2 without allocating 860M parameters
+        unet = instantiate(cfg.unet)
+    assert unet.config["context_dim"] == cfg.unet.context_dim
+
+
+def test_text_encoder_options_compose_and_the_real_one_is_wired_to_open_clip(cfg_factory, tmp_path):
+    cfg = cfg_factory("stage=ldm", "text_encoder=random_tiny", tiny=False)
+    assert instantiate(cfg.text_encoder)(["a red circle"]).shape[-1] == cfg.unet.context_dim
+    weights = tmp_path / "missing" / "open_clip_pytorch_model.bin"
+    cfg = cfg_factory(
+        "stage=ldm", "text_encoder=openclip_vit_h", f"text_encoder.pretrained={weights}", tiny=False
+    )
+    with pytest.raises(Exception, match="no such file"):
+        instantiate(cfg.text_encoder)
 
 
 def test_unknown_stage_is_a_clear_error(cfg_factory):

@@ -139,3 +139,77 @@ def make_demo_shards(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return urls
+
+
+# -- scoring generated images against their prompts (the demo's prompt-following figure) --------
+def _foreground(image: np.ndarray, min_saturation: int = 60) -> np.ndarray:
+    """Mask of the coloured shape's pixels: backgrounds are near-gray, shapes saturated."""
+    image = image.astype(np.int16)
+    return (image.max(axis=-1) - image.min(axis=-1)) > min_saturation
+
+
+def dominant_color(image: np.ndarray) -> str | None:
+    """The demo palette colour nearest the mean of an image's saturated pixels (uint8 HWC), or
+    ``None`` when nothing in it is coloured."""
+    mask = _foreground(image)
+    if mask.sum() < 4:
+        return None
+    mean = image[mask].astype(np.float64).mean(axis=0)
+    return min(COLORS, key=lambda c: float(np.sum((np.array(COLORS[c]) - mean) ** 2)))
+
+
+def shape_position(image: np.ndarray) -> str | None:
+    """The demo position nearest the centroid of an image's saturated pixels."""
+    mask = _foreground(image)
+    if mask.sum() < 4:
+        return None
+    ys, xs = np.nonzero(mask)
+    h, w = mask.shape
+    cx, cy = xs.mean() / w, ys.mean() / h
+    return min(POSITIONS, key=lambda p: (POSITIONS[p][0] - cx) ** 2 + (POSITIONS[p][1] - cy) ** 2)
+
+
+def _named(prompt: str, names) -> str | None:
+    words = prompt.replace("_", " ").lower()
+    found = [n for n in names if f" {n} " in f" {words} "]
+    return max(found, key=len) if found else None  # "top left" before "left"
+
+
+def prompt_following(images: list[np.ndarray], prompts: list[str]) -> dict[str, tuple[int, int]]:
+    """``{"color": (hits, n), "position": (hits, n)}`` over the prompts that name one."""
+    scores = {"color": [0, 0], "position": [0, 0]}
+    for image, prompt in zip(images, prompts):
+        for key, names, measure in (
+            ("color", COLORS, dominant_color),
+            ("position", POSITIONS, shape_position),
+        ):
+            wanted = _named(prompt, names)
+            if wanted is not None:
+                scores[key][1] += 1
+                scores[key][0] += int(measure(image) == wanted)
+    return {k: (v[0], v[1]) for k, v in scores.items()}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m sd_lightning.data.demo score DIR``: prompt following of ``stage=sample`` PNGs
+    (their file names carry the prompts)."""
+    import argparse
+    import glob
+
+    parser = argparse.ArgumentParser(prog="python -m sd_lightning.data.demo")
+    parser.add_argument("command", choices=["score"])
+    parser.add_argument("folder")
+    args = parser.parse_args(argv)
+    paths = sorted(p for p in glob.glob(os.path.join(args.folder, "*.png")) if "grid" not in p)
+    images = [np.asarray(Image.open(p).convert("RGB")) for p in paths]
+    prompts = [os.path.splitext(os.path.basename(p))[0].split("_", 1)[-1] for p in paths]
+    scores = prompt_following(images, prompts)
+    c, p = scores["color"], scores["position"]
+    print(
+        f"prompt following in {args.folder}: colour {c[0]}/{c[1]} (chance 1/{len(COLORS)}), "
+        f"position {p[0]}/{p[1]} (chance 1/{len(POSITIONS)})"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -177,6 +177,19 @@ class AutoencoderKL(nn.Module):
     ):
         super().__init__()
         ch_mult, attn_resolutions = tuple(ch_mult), tuple(attn_resolutions)
+        self.config = {  # rebuilds this network: AutoencoderKL(**vae.config)
+            "ch": ch,
+            "ch_mult": list(ch_mult),
+            "num_res_blocks": num_res_blocks,
+            "attn_resolutions": list(attn_resolutions),
+            "z_channels": z_channels,
+            "embed_dim": embed_dim,
+            "in_channels": in_channels,
+            "out_channels": out_channels,
+            "resolution": resolution,
+            "dropout": dropout,
+            "norm_groups": norm_groups,
+        }
         common = dict(
             ch=ch,
             ch_mult=ch_mult,

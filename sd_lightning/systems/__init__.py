@@ -1,5 +1,6 @@
 """LightningModules: thin training systems around the plain-PyTorch models and losses."""
 
+from sd_lightning.systems.ldm import LatentDiffusionSystem
 from sd_lightning.systems.vae import VAESystem
 
-__all__ = ["VAESystem"]
+__all__ = ["LatentDiffusionSystem", "VAESystem"]

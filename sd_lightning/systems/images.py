@@ -8,6 +8,7 @@ import lightning as L
 import torch
 import torchvision
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+from PIL import Image
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
@@ -40,5 +41,10 @@ def log_image(trainer: L.Trainer, key: str, grid: torch.Tensor, caption: str | N
     folder = os.path.join(trainer.default_root_dir, "images")
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, f"{key.replace('/', '_')}_step{step:08d}.png")
-    torchvision.io.write_png(grid, path)
+    save_png(grid, path)
     return path
+
+
+def save_png(image: torch.Tensor, path: str) -> None:
+    """uint8 CHW -> PNG (PIL; torchvision's image I/O is deprecated)."""
+    Image.fromarray(image.permute(1, 2, 0).contiguous().numpy()).save(path)

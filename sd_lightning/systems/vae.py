@@ -11,16 +11,16 @@ import logging
 from collections.abc import Callable, Iterable
 from typing import Any
 
-import lightning as L
 import torch
 from lightning.pytorch.strategies import DDPStrategy
 from torchmetrics import MeanMetric
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
-from sd_lightning.data.pipeline import SKIP_REASONS
+from sd_lightning.checkpoints import check_stage
 from sd_lightning.losses.autoencoder_loss import AutoencoderLoss
 from sd_lightning.models.autoencoder import AutoencoderKL
 from sd_lightning.systems.images import log_image, pairs_grid
+from sd_lightning.systems.skipped import SkippedSamplesMixin
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ def _noop() -> None:
     pass
 
 
-class VAESystem(L.LightningModule):
+class VAESystem(SkippedSamplesMixin):
     """Trains ``autoencoder`` with ``loss`` (which owns the discriminator and the learned logvar).
 
     Args:
@@ -87,9 +87,7 @@ class VAESystem(L.LightningModule):
         self.val_psnr = PeakSignalNoiseRatio(data_range=1.0)
         self.val_ssim = StructuralSimilarityIndexMeasure(data_range=1.0)
         self.val_lpips = MeanMetric()
-        self.register_buffer(
-            "skipped", torch.zeros(len(SKIP_REASONS), dtype=torch.long), persistent=True
-        )
+        self.init_skipped()
         self.run_config: dict[str, Any] | None = None  # the composed config, stored in checkpoints
         self._val_batch: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -110,15 +108,20 @@ class VAESystem(L.LightningModule):
             self.trainer.strategy._ddp_kwargs["find_unused_parameters"] = True
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["sd_lightning"] = {"stage": STAGE, "config": self.run_config}
+        checkpoint["sd_lightning"] = {
+            "stage": STAGE,
+            "config": self.run_config,
+            "skipped": self.skipped_state(),
+        }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        found = checkpoint.get("sd_lightning", {}).get("stage")
-        if found != STAGE:
-            raise ValueError(
-                f"this checkpoint is from stage {found!r}, not stage {STAGE!r}: stage=vae resumes "
-                f"only from a stage-1 checkpoint (checkpoints/last.ckpt of a stage=vae run)"
-            )
+        check_stage(
+            checkpoint,
+            STAGE,
+            "ckpt_path is a checkpoint",
+            "stage=vae resumes only from a stage-1 checkpoint (checkpoints/last.ckpt of a stage=vae run)",
+        )
+        self.restore_skipped(checkpoint)
 
     def export_weights(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """The autoencoder's weights (CompVis names) and the config that builds it, for
@@ -136,13 +139,9 @@ class VAESystem(L.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.autoencoder(x, sample_posterior=False)[0]
 
-    def _count_skipped(self, batch: dict) -> None:
-        counts = batch.get("skipped") or {}
-        self.skipped += torch.tensor([counts.get(r, 0) for r in SKIP_REASONS], device=self.device)
-
     def training_step(self, batch: dict, batch_idx: int) -> None:
         x = batch["image"]
-        self._count_skipped(batch)
+        self.count_skipped(batch)
         opt_ae, opt_d = self.optimizers()
         # Lightning counts every optimizer's step in global_step under manual optimization
         # (Lightning-AI/pytorch-lightning#17958): leave the discriminator's out, so that
@@ -175,15 +174,7 @@ class VAESystem(L.LightningModule):
         bs = x.shape[0]
         self.log("train/loss", logs.pop("loss"), prog_bar=True, batch_size=bs)
         self.log_dict({f"train/{k}": v for k, v in {**logs, **d_logs}.items()}, batch_size=bs)
-        self._log_skipped()
-
-    def _log_skipped(self) -> None:
-        """Cumulative skipped-sample counts summed over ranks (one all-reduce, on every rank)."""
-        total = self.trainer.strategy.reduce(self.skipped.float(), reduce_op="sum")
-        self.log_dict(
-            {f"data/skipped_{r}": total[i] for i, r in enumerate(SKIP_REASONS)}, batch_size=1
-        )
-        self.log("data/skipped", total.sum(), batch_size=1)
+        self.log_skipped()
 
     def _step(self, optimizer) -> None:
         if self.gradient_clip_val:
@@ -239,12 +230,6 @@ class VAESystem(L.LightningModule):
             )
             log.info("reconstruction grid: %s", path)
         self._val_batch = None
-
-    def on_train_end(self) -> None:
-        total = int(self.skipped.sum())
-        if self.trainer.is_global_zero and total:
-            parts = ", ".join(f"{r}={int(n)}" for r, n in zip(SKIP_REASONS, self.skipped) if n)
-            log.warning("skipped %d bad samples on rank 0 (%s)", total, parts)
 
     # -- optimizers --------------------------------------------------------------------------------
     def configure_optimizers(self):

@@ -1,0 +1,64 @@
+"""Reading our own checkpoints across stages: the frozen VAE for stage 2, the stage-2 system for
+sampling. Everything loads with ``torch.load(weights_only=True)`` or safetensors; a file from the
+wrong stage, or a missing one, is a clear error that says what to pass instead.
+
+Lightning checkpoints carry ``checkpoint["sd_lightning"] = {"stage", "config", ...}`` (the composed
+run config); safetensors exports carry the same in their JSON metadata.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from sd_lightning.models.autoencoder import AutoencoderKL
+
+VAE_HINT = "the checkpoints/last.ckpt (or export/vae.safetensors) of a stage=vae run"
+
+
+def read_checkpoint(path: str, stage: str, key: str, hint: str) -> dict[str, Any]:
+    """``torch.load`` a Lightning checkpoint of ``stage`` (``key`` names the config option that
+    gave ``path``, for the error messages)."""
+    if not path or not os.path.isfile(path):
+        raise FileNotFoundError(f"{key}={path!r}: no such file; give {hint}")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    check_stage(checkpoint, stage, f"{key}={path!r} is a checkpoint", f"give {hint}")
+    return checkpoint
+
+
+def check_stage(checkpoint: Any, stage: str, what: str, fix: str) -> None:
+    """Raise ``ValueError("<what> of stage X, not stage Y: <fix>")`` unless ``checkpoint`` was
+    written by ``stage``."""
+    meta = checkpoint.get("sd_lightning") if isinstance(checkpoint, dict) else None
+    found = (meta or {}).get("stage")
+    if found != stage:
+        raise ValueError(f"{what} of stage {found!r}, not stage {stage!r}: {fix}")
+
+
+def load_vae(path: str) -> AutoencoderKL:
+    """The stage-1 autoencoder from a stage=vae Lightning checkpoint or its safetensors export,
+    frozen (``requires_grad=False``, eval mode)."""
+    if path and str(path).endswith(".safetensors") and os.path.isfile(path):
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+        stage = json.loads(meta.get("stage", "null"))
+        if stage != "vae":
+            raise ValueError(f"vae_ckpt={path!r} is an export of stage {stage!r}: give {VAE_HINT}")
+        config = json.loads(meta["config"])
+        state = load_file(path)
+    else:
+        checkpoint = read_checkpoint(path, "vae", "vae_ckpt", VAE_HINT)
+        config = checkpoint["sd_lightning"]["config"]["vae"]
+        prefix = "autoencoder."
+        state = {
+            k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)
+        }
+    config = {k: v for k, v in config.items() if k != "_target_"}
+    vae = AutoencoderKL(**config)
+    vae.load_state_dict(state)
+    return vae.requires_grad_(False).eval()

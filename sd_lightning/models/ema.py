@@ -1,0 +1,54 @@
+"""Exponential moving average of a network's weights, plain PyTorch.
+
+The average is a frozen copy of the network (``ema.net``), registered as a submodule so that it
+is saved in checkpoints and moves with ``.to()``, but with ``requires_grad=False``: optimizers and
+DDP ignore it. Buffers (none in the U-Net) are copied, not averaged.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+
+class EMA(nn.Module):
+    """``ema.update(net)`` after each optimizer step: ``w_ema <- w_ema + (1 - d) (w - w_ema)``.
+
+    Args:
+        net: the network to average (copied at construction).
+        decay: the target decay (0.9999 in SD).
+        warmup: if true, the decay ramps up as ``min(decay, (1 + n) / (10 + n))`` after ``n``
+            updates (CompVis's ``LitEma``), so early weights are forgotten quickly.
+    """
+
+    def __init__(self, net: nn.Module, decay: float = 0.9999, warmup: bool = True):
+        super().__init__()
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"model.ema_decay must be in [0, 1), got {decay}")
+        self.net = copy.deepcopy(net).requires_grad_(False).eval()
+        self.decay, self.warmup = decay, warmup
+        self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
+
+    def current_decay(self) -> float:
+        n = int(self.num_updates)
+        return min(self.decay, (1 + n) / (10 + n)) if self.warmup else self.decay
+
+    @torch.no_grad()
+    def update(self, net: nn.Module) -> None:
+        decay = self.current_decay()
+        ema_params = [p for p in self.net.parameters()]
+        params = [p.detach().to(e.dtype) for p, e in zip(net.parameters(), ema_params)]
+        torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+        for b_ema, b in zip(self.net.buffers(), net.buffers()):
+            b_ema.copy_(b)
+        self.num_updates += 1
+
+    def train(self, mode: bool = True) -> EMA:
+        super().train(mode)
+        self.net.eval()
+        return self
+
+    def forward(self, *args, **kwargs):
+        return self.net(*args, **kwargs)

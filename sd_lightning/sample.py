@@ -1,0 +1,93 @@
+"""``stage=sample``: images from prompts with a stage-2 checkpoint.
+
+Writes ``<i>_<prompt>.png`` per prompt and ``grid.png`` into the run directory and prints their
+paths. Image ``i`` starts from the noise of seed ``seed + i``: a repeated prompt gives different
+images, the same command the same images.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from sd_lightning.checkpoints import read_checkpoint
+from sd_lightning.systems.images import save_png, to_uint8
+from sd_lightning.systems.ldm import LatentDiffusionSystem, sample_grid
+from sd_lightning.train import require
+
+log = logging.getLogger(__name__)
+
+LDM_HINT = "the checkpoints/last.ckpt of a stage=ldm run"
+
+
+def load_ldm(path: str, key: str = "ckpt") -> LatentDiffusionSystem:
+    """Rebuild the stage-2 system from its checkpoint alone: the U-Net, EMA and frozen VAE from
+    the saved state, the text encoder from the saved config (its own weights)."""
+    checkpoint = read_checkpoint(path, "ldm", key, LDM_HINT)
+    meta = checkpoint["sd_lightning"]
+    model_cfg: dict[str, Any] = dict(meta["config"]["model"])
+    model_cfg["vae"] = {"_target_": "sd_lightning.models.AutoencoderKL", **meta["vae_config"]}
+    system = instantiate(OmegaConf.create(model_cfg))
+    system.load_state_dict(checkpoint["state_dict"])
+    system.run_config = meta["config"]
+    return system.eval()
+
+
+def slug(text: str, limit: int = 60) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:limit] or "empty"
+
+
+def sample(cfg: DictConfig) -> dict[str, Any]:
+    require(cfg)
+    prompts = list(cfg.prompts) if not isinstance(cfg.prompts, str) else [cfg.prompts]
+    if not prompts:
+        raise ValueError('prompts is empty: give prompts=\'["a red circle", "a blue square"]\'')
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    system = load_ldm(cfg.ckpt).to(device)
+    if not cfg.use_ema and system.ema is not None:
+        system.ema = None
+    schedule = system.run_config["model"].get("schedule") or {}
+    spacing = cfg.spacing or ("trailing" if schedule.get("zero_terminal_snr") else "leading")
+    seeds = [int(cfg.seed) + i for i in range(len(prompts))]
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    with autocast:
+        images = system.sample_images(
+            prompts,
+            seeds=seeds,
+            image_size=cfg.image_size,
+            sampler=cfg.sampler,
+            steps=cfg.steps,
+            guidance=cfg.guidance,
+            negative_prompt=cfg.negative_prompt,
+            spacing=spacing,
+            batch_size=cfg.batch_size,
+        )
+    out_dir = cfg.paths.output_dir
+    os.makedirs(out_dir, exist_ok=True)
+    paths = []
+    for i, (prompt, image) in enumerate(zip(prompts, images)):
+        path = os.path.join(out_dir, f"{i:03d}_{slug(prompt)}.png")
+        save_png(to_uint8(image), path)
+        paths.append(path)
+    grid = os.path.join(out_dir, "grid.png")
+    save_png(sample_grid(images), grid)
+    for path in paths:
+        print(path)
+    print(grid)
+    log.info(
+        "%d images (%s, %d steps, guidance %s, seeds %d..%d) in %s",
+        len(prompts),
+        cfg.sampler,
+        cfg.steps,
+        cfg.guidance,
+        seeds[0],
+        seeds[-1],
+        out_dir,
+    )
+    return {"images": paths, "grid": grid}

@@ -1,0 +1,365 @@
+"""Stage 2: a text-conditioned U-Net trained on a frozen VAE's latents (latent diffusion).
+
+Per batch: encode images with the frozen VAE (scaled by ``latent_scale``), captions with the frozen
+OpenCLIP text encoder (some replaced by "" for classifier-free guidance), add noise at random
+timesteps, and regress the U-Net's output on epsilon or v, optionally min-SNR-weighted. An EMA of
+the U-Net is updated after every optimizer step and used for validation and sampling.
+
+What is trained, saved and sharded: only ``unet`` (and its EMA copy, saved, never optimized).
+The VAE is a frozen submodule (its weights ride along in checkpoints, so a stage-2 checkpoint
+samples on its own); the text encoder sits outside ``state_dict`` (it comes from its own weights).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+
+from sd_lightning.checkpoints import check_stage
+from sd_lightning.diffusion import schedules
+from sd_lightning.diffusion.guidance import generate
+from sd_lightning.diffusion.prediction import add_noise, v_target
+from sd_lightning.diffusion.training import min_snr_weight, offset_noise
+from sd_lightning.models.autoencoder import AutoencoderKL
+from sd_lightning.models.ema import EMA
+from sd_lightning.models.frozen import Frozen
+from sd_lightning.models.unet import UNetModel
+from sd_lightning.systems.images import log_image, to_uint8
+from sd_lightning.systems.skipped import SkippedSamplesMixin
+
+log = logging.getLogger(__name__)
+# The frozen VAE and the EMA copy are in eval mode on purpose; Lightning's warning about modules
+# in eval mode at the start of training would only confuse.
+warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training")
+
+OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
+SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
+STAGE = "ldm"
+
+
+def make_alphas_cumprod(
+    beta_schedule: str = "scaled_linear",
+    num_timesteps: int = 1000,
+    beta_start: float = 0.00085,
+    beta_end: float = 0.012,
+    zero_terminal_snr: bool = False,
+) -> torch.Tensor:
+    """alphas_cumprod of a named schedule (SD: scaled_linear 0.00085..0.012 over 1000 steps)."""
+    if beta_schedule == "scaled_linear":
+        betas = schedules.scaled_linear_betas(num_timesteps, beta_start, beta_end)
+    elif beta_schedule == "linear":
+        betas = schedules.linear_betas(num_timesteps, beta_start, beta_end)
+    elif beta_schedule == "cosine":
+        betas = schedules.cosine_betas(num_timesteps)
+    else:
+        raise ValueError(
+            f"model.schedule.beta_schedule must be scaled_linear, linear or cosine, "
+            f"got {beta_schedule!r}"
+        )
+    if zero_terminal_snr:
+        betas = schedules.rescale_zero_terminal_snr(betas)
+    return schedules.alphas_cumprod(betas.double()).float()
+
+
+class LatentDiffusionSystem(SkippedSamplesMixin):
+    """Trains ``unet`` on ``vae`` latents conditioned on ``text_encoder`` token states.
+
+    Args:
+        unet: the :class:`UNetModel` to train.
+        vae: the frozen stage-1 :class:`AutoencoderKL` (``checkpoints.load_vae(vae_ckpt)``).
+        text_encoder: the frozen :class:`OpenCLIPTextEncoder` (any ``captions -> states``).
+        optimizer / lr_scheduler: factories (``_partial_: true``); the scheduler steps per
+            optimizer step.
+        schedule: keyword arguments of :func:`make_alphas_cumprod`.
+        prediction: ``epsilon`` (SD 1.x, SD 2 base) or ``v_prediction`` (SD 2 768-v).
+        latent_scale: multiplies latents (SD's VAE: 0.18215); ``None`` estimates ``1 / std`` from
+            the first batch, over all ranks (``scale_by_std``). Saved in checkpoints either way.
+        sample_posterior: train on samples of q(z|x) (SD) rather than its mean.
+        ema_decay: EMA decay of the U-Net weights (``None``: no EMA, sample with online weights).
+        caption_dropout: probability of replacing a caption by "" (classifier-free guidance).
+        min_snr_gamma: min-SNR-gamma loss weighting (``None``: uniform).
+        offset_noise: strength of the per-channel offset added to the noise (0: off).
+        val_prompts / val_seed / val_sampler: the fixed prompts and seeds of the validation grid
+            and how it is sampled (``sampler``, ``steps``, ``guidance``, ``spacing``).
+    """
+
+    def __init__(
+        self,
+        unet: UNetModel,
+        vae: AutoencoderKL,
+        text_encoder: torch.nn.Module,
+        optimizer: OptimizerFactory,
+        lr_scheduler: SchedulerFactory | None = None,
+        schedule: dict[str, Any] | None = None,
+        prediction: str = "epsilon",
+        latent_scale: float | None = None,
+        sample_posterior: bool = True,
+        ema_decay: float | None = 0.9999,
+        caption_dropout: float = 0.1,
+        min_snr_gamma: float | None = None,
+        offset_noise: float = 0.0,
+        val_prompts: Sequence[str] = (),
+        val_seed: int = 0,
+        val_sampler: dict[str, Any] | None = None,
+        seed: int = 0,
+    ):
+        super().__init__()
+        if prediction not in ("epsilon", "v_prediction"):
+            raise ValueError(
+                f"model.prediction must be 'epsilon' or 'v_prediction', got {prediction!r}"
+            )
+        if (schedule or {}).get("zero_terminal_snr") and prediction != "v_prediction":
+            raise ValueError(
+                "model.schedule.zero_terminal_snr=true needs model.prediction=v_prediction "
+                "(epsilon is undefined at zero SNR)"
+            )
+        if not 0.0 <= caption_dropout < 1.0:
+            raise ValueError(f"model.caption_dropout must be in [0, 1), got {caption_dropout}")
+        context_dim = getattr(text_encoder, "width", None)
+        if context_dim is not None and context_dim != unet.config["context_dim"]:
+            raise ValueError(
+                f"the text encoder's states are {context_dim}-d but unet.context_dim="
+                f"{unet.config['context_dim']}; set unet.context_dim={context_dim}"
+            )
+        # plain containers (Hydra passes DictConfigs), so checkpoints load with weights_only=True
+        schedule, val_sampler = _plain(schedule or {}), _plain(val_sampler or {})
+        self.save_hyperparameters(
+            ignore=[
+                "unet",
+                "vae",
+                "text_encoder",
+                "optimizer",
+                "lr_scheduler",
+                "schedule",
+                "val_prompts",
+                "val_sampler",
+            ]
+        )
+        self.unet = unet
+        self.ema = EMA(unet, ema_decay) if ema_decay is not None else None
+        self.vae = vae.requires_grad_(False).eval()
+        self.text_encoder = Frozen(text_encoder)
+        self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
+        self.prediction = prediction
+        self.sample_posterior = sample_posterior
+        self.caption_dropout = caption_dropout
+        self.min_snr_gamma = min_snr_gamma
+        self.offset_noise = offset_noise
+        self.val_prompts, self.val_seed = [str(p) for p in val_prompts], val_seed
+        self.val_sampler = val_sampler
+        self.register_buffer("alphas_cumprod", make_alphas_cumprod(**schedule))
+        scale = float("nan") if latent_scale is None else float(latent_scale)
+        self.register_buffer("latent_scale", torch.tensor(scale))
+        self.init_skipped()
+        self.seed = seed
+        self.run_config: dict[str, Any] | None = None
+        self._ema_step = -1
+        self._rng: torch.Generator | None = None
+
+    def on_fit_start(self) -> None:
+        # Timesteps, noise, posterior samples and caption dropout from a generator of their own,
+        # seeded per rank (the global RNG is seeded alike on every rank) and per start step.
+        key = hash((self.seed, self.global_rank, self.global_step)) % (2**63)
+        self._rng = torch.Generator(device=self.device).manual_seed(key)
+
+    # -- frozen parts stay frozen ------------------------------------------------------------------
+    def train(self, mode: bool = True) -> LatentDiffusionSystem:
+        super().train(mode)
+        self.vae.eval()
+        return self
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["sd_lightning"] = {
+            "stage": STAGE,
+            "config": self.run_config,
+            "vae_config": self.vae.config,
+            "skipped": self.skipped_state(),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        check_stage(
+            checkpoint,
+            STAGE,
+            "ckpt_path is a checkpoint",
+            "ckpt_path resumes only from a stage-2 checkpoint (checkpoints/last.ckpt of a stage=ldm run); a stage-1 checkpoint goes in vae_ckpt=",
+        )
+        self.restore_skipped(checkpoint)
+
+    def export_weights(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The U-Net's weights (EMA if kept; original SD names) and the config that builds it."""
+        net = self.ema.net if self.ema is not None else self.unet
+        state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+        return state, {
+            "stage": STAGE,
+            "model": "unet",
+            "config": net.config,
+            "ema": self.ema is not None,
+            "latent_scale": float(self.latent_scale),
+            "prediction": self.prediction,
+            "step": self.global_step,
+        }
+
+    # -- latents and text ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_images(self, x: torch.Tensor, generator: torch.Generator | None = None):
+        posterior = self.vae.encode(x)
+        z = posterior.sample(generator) if self.sample_posterior else posterior.mode()
+        z = z.float()
+        if torch.isnan(self.latent_scale):
+            self._estimate_latent_scale(z)
+        return z * self.latent_scale
+
+    def _estimate_latent_scale(self, z: torch.Tensor) -> None:
+        """``scale_by_std``: 1 / std of the first batch's latents, the variance averaged over
+        ranks so every rank gets the same factor."""
+        var = self.trainer.strategy.reduce(z.var(), reduce_op="mean") if self._trainer else z.var()
+        self.latent_scale.fill_(float(1.0 / var.sqrt()))
+        log.info(
+            "latent_scale estimated from the first batch: %.5f (1 / std of %d latents x ranks); "
+            "stored in checkpoints; set model.latent_scale to fix it",
+            float(self.latent_scale),
+            z.shape[0],
+        )
+
+    def encode_text(self, captions: Sequence[str]) -> torch.Tensor:
+        return self.text_encoder(list(captions)).float()
+
+    def decode_latents(self, z: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(z / self.latent_scale)
+
+    # -- training ----------------------------------------------------------------------------------
+    def diffusion_loss(
+        self,
+        net: Callable,
+        z: torch.Tensor,
+        context: torch.Tensor,
+        t: torch.Tensor,
+        noise: torch.Tensor,
+    ) -> torch.Tensor:
+        abar_t = self.alphas_cumprod[t]
+        z_t = add_noise(z, noise, abar_t)
+        target = noise if self.prediction == "epsilon" else v_target(z, noise, abar_t)
+        out = net(z_t, t, context)
+        per_sample = F.mse_loss(out.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        if self.min_snr_gamma is not None:
+            per_sample = per_sample * min_snr_weight(abar_t, self.min_snr_gamma, self.prediction)
+        return per_sample.mean()
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        self.count_skipped(batch)
+        rng = self._rng
+        z = self.encode_images(batch["image"], rng)
+        captions = list(batch["caption"])
+        if self.caption_dropout > 0:
+            drop = torch.rand(len(captions), generator=rng, device=z.device) < self.caption_dropout
+            captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
+        context = self.encode_text(captions)
+        noise = offset_noise(z.shape, self.offset_noise, rng, device=z.device, dtype=z.dtype)
+        n = len(self.alphas_cumprod)
+        t = torch.randint(0, n, (z.shape[0],), generator=rng, device=z.device)
+        loss = self.diffusion_loss(self.unet, z, context, t, noise)
+        bs = z.shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        self.log_skipped()
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        # after the optimizer step (once per accumulation window: global_step moved)
+        if self.ema is not None and self.global_step != self._ema_step:
+            self._ema_step = self.global_step
+            self.ema.update(self.unet)
+            self.log("train/ema_decay", self.ema.current_decay(), batch_size=1)
+
+    # -- validation: a loss with fixed noise and timesteps, and a fixed grid of samples ----------
+    @property
+    def sampling_net(self) -> torch.nn.Module:
+        return self.ema.net if self.ema is not None else self.unet
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        x = batch["image"]
+        bs = x.shape[0]
+        generator = torch.Generator().manual_seed(10_000 + batch_idx)
+        z = self.encode_images(x)
+        noise = torch.randn(z.shape, generator=generator).to(z)
+        n = len(self.alphas_cumprod)
+        t = ((torch.arange(bs) + 0.5) * n / bs).long().clamp(max=n - 1).to(z.device)  # stratified
+        context = self.encode_text(list(batch["caption"]))
+        loss = self.diffusion_loss(self.sampling_net, z, context, t, noise)
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=bs)
+
+    def on_validation_epoch_end(self) -> None:
+        if not self.val_prompts or self.trainer.sanity_checking or not self.trainer.is_global_zero:
+            return
+        images = self.sample_images(self.val_prompts, **self.val_sampler)
+        grid = sample_grid(images)
+        caption = " | ".join(self.val_prompts)
+        path = log_image(self.trainer, "val/samples", grid, caption=caption)
+        log.info("sample grid: %s", path)
+
+    def sample_images(
+        self,
+        prompts: Sequence[str],
+        seeds: Sequence[int] | None = None,
+        image_size: int | None = None,
+        **sampler: Any,
+    ) -> torch.Tensor:
+        """Images in [-1, 1] for ``prompts`` with the EMA U-Net; seed ``val_seed + i`` for the
+        i-th when ``seeds`` is not given."""
+        seeds = (
+            list(seeds) if seeds is not None else [self.val_seed + i for i in range(len(prompts))]
+        )
+        size = image_size or self._image_size()
+        factor = self.vae.downsample_factor
+        shape = (self.unet.config["in_channels"], size // factor, size // factor)
+        was_training = self.unet.training
+        try:
+            return generate(
+                unet=self.sampling_net,
+                decode=self.decode_latents,
+                encode_text=self.encode_text,
+                prompts=prompts,
+                seeds=seeds,
+                abar=self.alphas_cumprod,
+                prediction=self.prediction,
+                latent_shape=shape,
+                device=self.device,
+                **sampler,
+            )
+        finally:
+            self.unet.train(was_training)
+
+    def _image_size(self) -> int:
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer else None
+        if datamodule is not None and getattr(datamodule, "image_size", None):
+            return int(datamodule.image_size)
+        return int(self.vae.config["resolution"])
+
+    # -- optimizers --------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory(self.unet.parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
+
+
+def _plain(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node)
+
+
+def sample_grid(images: torch.Tensor) -> torch.Tensor:
+    """uint8 CHW grid of [-1, 1] images, as square as possible."""
+    import torchvision
+
+    nrow = max(1, math.ceil(math.sqrt(len(images))))
+    return torchvision.utils.make_grid(to_uint8(images), nrow=nrow, padding=2)
