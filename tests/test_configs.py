@@ -119,3 +119,12 @@ def test_unknown_stage_is_a_clear_error(cfg_factory):
         Exception, match="(?s)Could not find 'stage/nope'.*Available options in 'stage'"
     ):
         cfg_factory("stage=nope")
+
+
+@pytest.mark.parametrize("option", _options("stage"))
+def test_every_stage_composes_and_names_a_callable_entry(cfg_factory, option):
+    from hydra.utils import get_method
+
+    cfg = cfg_factory(f"stage={option}", tiny=False)
+    assert cfg.stage == option
+    assert callable(get_method(cfg.entry))

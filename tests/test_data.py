@@ -94,6 +94,7 @@ def test_bad_samples_are_skipped_and_counted(tmp_path):
         "decode": 1,
         "no_caption": 1,
         "too_small": 0,
+        "duplicate": 0,
     }
 
 

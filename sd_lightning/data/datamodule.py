@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 
 from sd_lightning.data.demo import make_demo_shards
 from sd_lightning.data.pipeline import ShardPipeline
-from sd_lightning.data.shards import expand_urls
+from sd_lightning.data.shards import expand_sources, expand_urls
 from sd_lightning.data.transforms import ImageTransform
 
 log = logging.getLogger(__name__)
@@ -63,6 +63,11 @@ class WebDataModule(L.LightningDataModule):
         num_workers: DataLoader workers per device.
         samples_per_epoch: epoch length over all ranks; ``None`` reads ``sizes.json`` beside the
             shards. Every rank gets the same number of batches.
+        mode: ``resampled`` (shards drawn with replacement, seeded by seed, epoch, rank and worker)
+            or ``exact`` (each shard once per pass, split by rank and worker; needs at least
+            workers x ranks shards).
+        url_weights: sampling weights of the ``::``-joined sources of ``urls`` (resampled mode);
+            ``None``: every shard equally likely.
         demo: arguments of :func:`make_demo_shards` (used when ``urls`` is ``None``).
     """
 
@@ -83,12 +88,25 @@ class WebDataModule(L.LightningDataModule):
         seed: int = 0,
         pin_memory: bool | None = None,
         demo: dict[str, Any] | None = None,
+        mode: str = "resampled",
+        url_weights: list[float] | None = None,
     ):
         super().__init__()
         if image_size <= 0:
             raise ValueError(f"data.image_size must be positive, got {image_size}")
         if batch_size <= 0:
             raise ValueError(f"data.batch_size must be positive, got {batch_size}")
+        if mode not in ("resampled", "exact"):
+            raise ValueError(f"data.mode must be 'resampled' or 'exact', got {mode!r}")
+        self.mode = mode
+        self.url_weights = [float(w) for w in url_weights] if url_weights is not None else None
+        if self.url_weights is not None and (
+            any(w < 0 for w in self.url_weights) or sum(self.url_weights) <= 0
+        ):
+            raise ValueError(
+                f"data.url_weights must be >= 0 with a positive sum, got {url_weights}"
+            )
+        self.train_sources: list[list[str]] = []
         self.urls, self.val_urls, self.val_shards = urls, val_urls, val_shards
         self.image_size, self.batch_size = image_size, batch_size
         self.val_batch_size = val_batch_size or batch_size
@@ -118,7 +136,13 @@ class WebDataModule(L.LightningDataModule):
             urls, val_urls = demo_urls["train"], self.val_urls or demo_urls["val"]
         else:
             urls, val_urls = self.urls, self.val_urls
-        train = expand_urls(urls, "data.urls")
+        sources = expand_sources(urls, "data.urls")
+        if self.url_weights is not None and len(self.url_weights) != len(sources):
+            raise ValueError(
+                f"data.url_weights has {len(self.url_weights)} weights for {len(sources)} "
+                f"'::'-joined sources in data.urls; give one weight per source"
+            )
+        train = [u for source in sources for u in source]
         if val_urls is not None:
             val = expand_urls(val_urls, "data.val_urls")
         elif self.val_shards > 0 and len(train) > self.val_shards:
@@ -129,6 +153,13 @@ class WebDataModule(L.LightningDataModule):
         else:
             val = []
             log.warning("no validation shards (data.val_urls unset and too few shards to hold out)")
+        held_out = set(val) if val_urls is None else set()
+        self.train_sources = [[u for u in source if u not in held_out] for source in sources]
+        if self.url_weights is not None and not all(self.train_sources):
+            raise ValueError(
+                "holding out validation shards emptied a source of data.urls: "
+                "set data.val_urls or data.val_shards=0"
+            )
         self.train_shard_urls, self.val_shard_urls = train, val
         if self.samples_per_epoch is None:
             self.samples_per_epoch = _sizes_from_json(train)
@@ -149,11 +180,21 @@ class WebDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         workers = max(1, self.num_workers)
+        needed = workers * self._world_size()
+        if self.mode == "exact" and len(self.train_shard_urls) < needed:
+            raise ValueError(
+                f"data.mode=exact splits shards over {workers} worker(s) x "
+                f"{self._world_size()} rank(s) = {needed}, but data.urls has only "
+                f"{len(self.train_shard_urls)} training shard(s): use fewer data.num_workers, "
+                f"more (smaller) shards, or data.mode=resampled"
+            )
         dataset = ShardPipeline(
             self.train_shard_urls,
             self.train_transform,
             self.batch_size,
-            resampled=True,
+            resampled=self.mode == "resampled",
+            sources=self.train_sources,
+            weights=self.url_weights,
             batches_per_worker=self.batches_per_epoch() // workers,
             shuffle_buffer=self.shuffle_buffer,
             seed=self.seed,

@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 CAPTION_KEYS = ("txt", "caption")
-SKIP_REASONS = ("tar", "no_image", "decode", "no_caption", "too_small")
+SKIP_REASONS = ("tar", "no_image", "decode", "no_caption", "too_small", "duplicate")
 
 
 class SkipCounter:
@@ -36,9 +36,13 @@ class SkipCounter:
         self._reported: Counter[str] = Counter()
 
     def tar_handler(self, exn: Exception) -> bool:
-        """``wds`` handler for unreadable tar members / truncated shards: count and go on."""
-        self.counts["tar"] += 1
-        log.warning("skipping unreadable tar data: %r", exn)
+        """``wds`` handler for unreadable tar members / truncated shards: count and go on. A file
+        name repeated inside one sample is dropped as a duplicate (the first copy stays)."""
+        reason = "duplicate" if "duplicate file name" in str(exn) else "tar"
+        self.counts[reason] += 1
+        log.warning(
+            "skipping %s tar data: %r", "duplicate" if reason == "duplicate" else "unreadable", exn
+        )
         return True
 
     def delta(self) -> dict[str, int]:
@@ -58,13 +62,50 @@ def collate(samples: list[dict], counter: SkipCounter) -> dict:
 
 
 def resampled_shards(
-    urls: list[str], seed: int, epoch: int, rank: int, worker: int
+    urls: list[str],
+    seed: int,
+    epoch: int,
+    rank: int,
+    worker: int,
+    sources: list[list[str]] | None = None,
+    weights: list[float] | None = None,
 ) -> Iterator[dict]:
     """Shards drawn with replacement, seeded by (seed, epoch, rank, worker): a restarted run draws
-    the same stream, and ranks and workers draw different ones."""
+    the same stream, and ranks and workers draw different ones. With ``weights``, a source (one
+    ``::``-joined part of ``data.urls``) is drawn with those probabilities, then one of its shards
+    uniformly; without, every shard is equally likely."""
     rng = random.Random(f"{seed}-{epoch}-{rank}-{worker}")
     while True:
-        yield {"url": rng.choice(urls)}
+        if weights:
+            source = rng.choices(sources, weights=weights)[0]
+            yield {"url": rng.choice(source)}
+        else:
+            yield {"url": rng.choice(urls)}
+
+
+def exact_shards(
+    urls: list[str],
+    seed: int,
+    epoch: int,
+    rank: int,
+    world: int,
+    worker: int,
+    workers: int,
+    cycle: bool,
+) -> Iterator[dict]:
+    """This (rank, worker)'s disjoint share of ``urls``, each shard once per pass; with ``cycle``
+    (training), in an order shuffled per epoch and pass, passes repeating until the caller stops
+    at the epoch length."""
+    mine = urls[rank::world][worker::workers]
+    passes = 0
+    while True:
+        order = list(mine)
+        if cycle:  # training: a new order every epoch and pass; evaluation: the given order
+            random.Random(f"exact-{seed}-{epoch}-{passes}-{rank}-{worker}").shuffle(order)
+        yield from ({"url": u} for u in order)
+        passes += 1
+        if not cycle or not mine:
+            return
 
 
 class ShardPipeline(IterableDataset):
@@ -74,8 +115,13 @@ class ShardPipeline(IterableDataset):
         urls: expanded shard URLs.
         transform: PIL image -> tensor in [-1, 1].
         batch_size: samples per batch (batching happens in the workers).
-        resampled: draw shards with replacement forever (training) or read each once (evaluation).
-        batches_per_worker: with ``resampled``, the length of one epoch in batches per worker.
+        resampled: draw shards with replacement (training's default) or read each shard once per
+            pass, split by rank and worker (``exact``; evaluation always).
+        batches_per_worker: the length of one epoch in batches per worker (training, both modes:
+            an exact worker that runs out of shards starts another pass, so every rank yields the
+            same number of batches). ``None``: one pass (evaluation).
+        sources / weights: the ``::``-joined parts of ``data.urls`` and their sampling weights
+            (resampled mode).
         shuffle_buffer: sample shuffle buffer per worker (0 disables).
         split_by_node: in exact mode, give each rank a disjoint subset of shards.
         min_size: drop images whose ``.json`` width or height is below this.
@@ -92,10 +138,13 @@ class ShardPipeline(IterableDataset):
         seed: int = 0,
         split_by_node: bool = True,
         min_size: int = 0,
+        sources: list[list[str]] | None = None,
+        weights: list[float] | None = None,
     ):
         super().__init__()
         if resampled and not batches_per_worker:
             raise ValueError("a resampled pipeline needs batches_per_worker (the epoch length)")
+        self.sources, self.weights = sources, weights
         self.urls, self.transform, self.batch_size = urls, transform, batch_size
         self.resampled, self.batches_per_worker = resampled, batches_per_worker
         self.shuffle_buffer, self.seed, self.split_by_node = shuffle_buffer, seed, split_by_node
@@ -106,7 +155,14 @@ class ShardPipeline(IterableDataset):
         self.epoch = epoch
 
     def _decode(self, counter: SkipCounter, samples: Iterator[dict]) -> Iterator[dict]:
+        url, seen = None, set()
         for sample in samples:
+            if sample.get("__url__") != url:  # keys are unique per shard
+                url, seen = sample.get("__url__"), set()
+            if sample["__key__"] in seen:
+                counter.counts["duplicate"] += 1
+                continue
+            seen.add(sample["__key__"])
             key = next((k for k in IMAGE_KEYS if k in sample), None)
             if key is None:
                 counter.counts["no_image"] += 1
@@ -145,25 +201,29 @@ class ShardPipeline(IterableDataset):
             if len(buf) == self.batch_size:
                 yield collate(buf, counter)
                 buf = []
-        if buf and not self.resampled:  # evaluation keeps the last partial batch
+        if buf and not self.batches_per_worker:  # evaluation keeps the last partial batch
             yield collate(buf, counter)
 
     def __iter__(self) -> Iterator[dict]:
         counter = SkipCounter()
-        rank, _, worker, _ = wds.utils.pytorch_worker_info()
+        rank, world, worker, workers = wds.utils.pytorch_worker_info()
         if self.resampled:
-            stream = resampled_shards(self.urls, self.seed, self.epoch, rank, worker)
+            stream = resampled_shards(
+                self.urls, self.seed, self.epoch, rank, worker, self.sources, self.weights
+            )
         else:
-            stream = ({"url": u} for u in self.urls)
-            if self.split_by_node:
-                stream = wds.split_by_node(stream)
-            stream = wds.split_by_worker(stream)
+            if not self.split_by_node:
+                rank, world = 0, 1
+            cycle = bool(self.batches_per_worker)
+            stream = exact_shards(
+                self.urls, self.seed, self.epoch, rank, world, worker, workers, cycle
+            )
         samples = tarfile_samples(stream, handler=counter.tar_handler)
         if self.shuffle_buffer > 0:
             rng = random.Random(f"shuffle-{self.seed}-{self.epoch}-{rank}-{worker}")
             samples = shuffle(samples, self.shuffle_buffer, min(100, self.shuffle_buffer), rng)
         batches = self._batch(counter, self._decode(counter, samples))
-        if not self.resampled:
+        if not self.batches_per_worker:
             yield from batches
             return
         for _, batch in zip(range(self.batches_per_worker), batches):

@@ -1,0 +1,146 @@
+"""The loader at scale: equal batches per rank over uneven shards (real gloo processes, real
+DataLoader workers), resampled streams that reproduce and differ per rank, source weights, exact
+mode, and duplicate samples."""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+
+import pytest
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from test_data import _jpeg, _write_shard
+
+from sd_lightning.data import WebDataModule
+from sd_lightning.data.pipeline import ShardPipeline, resampled_shards
+from sd_lightning.data.transforms import ImageTransform
+from sd_lightning.data.writer import write_shards
+
+
+def _uneven_shards(root, sizes) -> str:
+    """One source per size: a folder with one shard of that many samples and its sizes.json
+    (written by stage=shards' writer), joined with '::'."""
+    from PIL import Image
+
+    for s, n in enumerate(sizes):
+        raw = root / f"raw{s}"
+        raw.mkdir(parents=True)
+        for i in range(n):
+            Image.new("RGB", (16, 16), (s * 40, i, 0)).save(raw / f"{i:03d}.png")
+            (raw / f"{i:03d}.txt").write_text(f"shard {s} sample {i}")
+        write_shards(str(raw), str(root / f"shards{s}"), n)
+    return "::".join(str(root / f"shards{s}" / "000000.tar") for s in range(len(sizes)))
+
+
+def _count_batches(rank: int, world: int, port: int, urls: str, mode: str, out) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        dm = WebDataModule(
+            urls=urls,
+            val_shards=0,
+            image_size=16,
+            batch_size=3,
+            num_workers=2,
+            samples_per_epoch=60,
+            mode=mode,
+            shuffle_buffer=0,
+        )
+        dm.trainer = type("T", (), {"world_size": world, "current_epoch": 0})()
+        dm.setup("fit")
+        counts = []
+        for epoch in range(2):
+            dm.trainer.current_epoch = epoch
+            counts.append(sum(1 for _ in dm.train_dataloader()))
+        gathered = [None] * world
+        dist.all_gather_object(gathered, counts)
+        dist.barrier()  # every rank ends its epochs: no hang
+        if rank == 0:
+            out.put(gathered)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("mode", ["resampled", "exact"])
+def test_two_ranks_two_workers_get_equal_batches_over_uneven_shards(tmp_path, mode):
+    urls = _uneven_shards(tmp_path, [3, 17, 5, 9, 30, 2])
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    port = 29500 + os.getpid() % 1000
+    procs = [
+        ctx.Process(target=_count_batches, args=(r, 2, port, urls, mode, out)) for r in range(2)
+    ]
+    for p in procs:
+        p.start()
+    gathered = out.get(timeout=240)
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    # 60 samples / (3 per batch x 2 ranks) = 10 per rank, rounded up to a multiple of 2 workers
+    assert gathered == [[10, 10], [10, 10]]
+
+
+def test_resampled_streams_reproduce_and_differ_per_rank():
+    urls = [f"/s/{i}.tar" for i in range(50)]
+
+    def draw(rank, epoch=0, seed=0):
+        stream = resampled_shards(urls, seed, epoch, rank, worker=0)
+        return [next(stream)["url"] for _ in range(30)]
+
+    assert draw(0) == draw(0)  # a restarted run draws the same stream
+    assert draw(0) != draw(1)  # ranks draw different ones
+    assert draw(0) != draw(0, epoch=1)
+
+
+def test_source_weights_set_how_often_each_source_is_drawn():
+    a, b = [f"/a/{i}.tar" for i in range(10)], [f"/b/{i}.tar" for i in range(2)]
+    stream = resampled_shards(a + b, 0, 0, 0, 0, sources=[a, b], weights=[1.0, 3.0])
+    drawn = Counter(next(stream)["url"][:3] for _ in range(4000))
+    assert 0.70 < drawn["/b/"] / 4000 < 0.80  # 3 / (1 + 3), though /b/ has a sixth of the shards
+
+
+def test_weights_and_exact_mode_errors_name_the_fix(tmp_path):
+    urls = _uneven_shards(tmp_path, [2, 2, 2])
+    with pytest.raises(ValueError, match="2 weights for 3 '::'-joined sources"):
+        dm = WebDataModule(urls=urls, url_weights=[1, 2], samples_per_epoch=6, val_shards=0)
+        dm.setup("fit")
+    dm = WebDataModule(urls=urls, mode="exact", num_workers=4, samples_per_epoch=6, val_shards=0)
+    dm.setup("fit")
+    with pytest.raises(
+        ValueError, match=r"4 worker\(s\) x 1 rank\(s\) = 4, but data.urls has only 3"
+    ):
+        dm.train_dataloader()
+    with pytest.raises(ValueError, match="data.mode must be"):
+        WebDataModule(urls=urls, mode="sometimes")
+
+
+def test_duplicate_samples_are_skipped_and_counted(tmp_path):
+    shard = tmp_path / "dup.tar"
+    _write_shard(
+        shard,
+        [
+            {"a.jpg": _jpeg("red"), "a.txt": b"first a"},
+            {"b.jpg": _jpeg("blue"), "b.txt": b"b", "b.jpg ": b""},
+            {"a.jpg": _jpeg("green"), "a.txt": b"a again"},  # the key a once more
+        ],
+    )
+    # a file name repeated inside one sample
+    import tarfile
+
+    with tarfile.open(shard, "a") as tar:
+        for name, data in (("c.jpg", _jpeg("red")), ("c.txt", b"c"), ("c.txt", b"c twice")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            import io
+
+            tar.addfile(info, io.BytesIO(data))
+    pipe = ShardPipeline(
+        [str(shard)], ImageTransform(16), batch_size=8, resampled=False, shuffle_buffer=0
+    )
+    batches = list(pipe)
+    captions = [c for b in batches for c in b["caption"]]
+    assert captions == ["first a", "b", "c"]
+    assert sum(b["skipped"]["duplicate"] for b in batches) == 2
