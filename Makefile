@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-fast demo lint clean
+.PHONY: help install test test-fast demo bench-data lint clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
@@ -41,9 +41,12 @@ demo: $(STAMP) ## the whole pipeline on the embedded demo data: VAE, latent diff
 	$(BIN)/python -m sd_lightning.data.demo score $(DEMO_DIR)/samples
 	@echo "demo images: $(DEMO_DIR)/samples (grid.png); runs: $(DEMO_DIR)/{vae,ldm}"
 
+bench-data: $(STAMP) ## data-loading and stage-2 step benchmark -> docs/benchmarks/data_loading.md
+	$(BIN)/python benchmarks/data_loading.py
+
 lint: $(STAMP) ## ruff check and format check
-	$(BIN)/ruff check sd_lightning tests
-	$(BIN)/ruff format --check sd_lightning tests
+	$(BIN)/ruff check sd_lightning tests benchmarks
+	$(BIN)/ruff format --check sd_lightning tests benchmarks
 
 clean: ## remove outputs and caches (keeps .venv)
 	rm -rf outputs multirun .pytest_cache .ruff_cache

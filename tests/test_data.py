@@ -7,12 +7,13 @@ import io
 import tarfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from sd_lightning.data import WebDataModule, expand_urls, make_demo_shards
 from sd_lightning.data.pipeline import ShardPipeline
-from sd_lightning.data.transforms import ImageTransform
+from sd_lightning.data.transforms import ImageTransform, to_model_range
 
 
 def _digest(folder: Path) -> str:
@@ -131,7 +132,10 @@ def test_datamodule_on_demo_data_gives_equal_epochs(tmp_path):
     batches = list(dm.train_dataloader())
     assert len(batches) == dm.batches_per_epoch() == 10  # ceil(40 / 4 / 2 workers) * 2 workers
     assert all(b["image"].shape == (4, 3, 32, 32) for b in batches)
-    assert all(-1.0 <= b["image"].min() and b["image"].max() <= 1.0 for b in batches)
+    assert all(b["image"].dtype == torch.uint8 for b in batches)  # 4x less to move
+    on_device = dm.on_after_batch_transfer(batches[0], 0)["image"]
+    assert on_device.dtype == torch.float32
+    assert -1.0 <= float(on_device.min()) and float(on_device.max()) <= 1.0
     val = list(dm.val_dataloader())
     assert sum(len(b["caption"]) for b in val) == 8  # every held-out sample exactly once
 
@@ -163,3 +167,21 @@ def test_held_out_validation_shards_from_urls(tmp_path):
     assert len(dm.train_shard_urls) == 3 and dm.val_shard_urls[0].endswith("train-000003.tar")
     assert dm.samples_per_epoch == 6  # from sizes.json, held-out shard excluded
     assert isinstance(next(iter(dm.train_dataloader()))["image"], torch.Tensor)
+
+
+def test_transform_resizes_crops_and_decodes_jpegs_at_reduced_scale():
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 255, (6, 8, 3), dtype=np.uint8)  # smooth once upscaled
+    big = Image.fromarray(base).resize((400, 300), Image.Resampling.BICUBIC)
+    buf = io.BytesIO()
+    big.save(buf, format="JPEG", quality=95)
+    transform = ImageTransform(32, crop="center")
+    fast = to_model_range(transform(Image.open(io.BytesIO(buf.getvalue()))))  # draft decoding
+    full = to_model_range(transform(Image.open(io.BytesIO(buf.getvalue())).convert("RGB")))
+    assert fast.shape == full.shape == (3, 32, 32)
+    assert -1.0 <= float(fast.min()) and float(fast.max()) <= 1.0
+    assert float((fast - full).abs().mean()) < 0.03  # the same picture, up to resampling
+    flipped = ImageTransform(32, crop="random", hflip=True)
+    assert flipped(Image.open(io.BytesIO(buf.getvalue()))).shape == (3, 32, 32)

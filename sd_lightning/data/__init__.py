@@ -2,6 +2,7 @@
 
 from sd_lightning.data.datamodule import WebDataModule
 from sd_lightning.data.demo import make_demo_shards
+from sd_lightning.data.latents import LatentDataModule
 from sd_lightning.data.shards import expand_urls
 
-__all__ = ["WebDataModule", "expand_urls", "make_demo_shards"]
+__all__ = ["LatentDataModule", "WebDataModule", "expand_urls", "make_demo_shards"]

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 from sd_lightning.data.demo import make_demo_shards
 from sd_lightning.data.pipeline import ShardPipeline
 from sd_lightning.data.shards import expand_sources, expand_urls
-from sd_lightning.data.transforms import ImageTransform
+from sd_lightning.data.transforms import ImageTransform, to_model_range
 
 log = logging.getLogger(__name__)
 
@@ -170,6 +170,16 @@ class WebDataModule(L.LightningDataModule):
                 )
 
     # -- loaders ---------------------------------------------------------------------------------
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Images travel as uint8 and become float in [-1, 1] on the device."""
+        if isinstance(batch, dict) and "image" in batch:
+            batch["image"] = to_model_range(batch["image"])
+        return batch
+
+    def sample_decoder(self, train: bool):
+        """Raw sample -> batch fields; ``None``: images and captions (subclasses read others)."""
+        return None
+
     def _world_size(self) -> int:
         return self.trainer.world_size if self.trainer is not None else 1
 
@@ -195,6 +205,7 @@ class WebDataModule(L.LightningDataModule):
             resampled=self.mode == "resampled",
             sources=self.train_sources,
             weights=self.url_weights,
+            decoder=self.sample_decoder(train=True),
             batches_per_worker=self.batches_per_epoch() // workers,
             shuffle_buffer=self.shuffle_buffer,
             seed=self.seed,
@@ -221,6 +232,7 @@ class WebDataModule(L.LightningDataModule):
             resampled=False,
             shuffle_buffer=0,
             split_by_node=split,
+            decoder=self.sample_decoder(train=False),
         )
         dataset.set_epoch(0)
         return DataLoader(

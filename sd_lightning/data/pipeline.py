@@ -53,12 +53,51 @@ class SkipCounter:
 
 
 def collate(samples: list[dict], counter: SkipCounter) -> dict:
-    return {
-        "image": torch.stack([s["image"] for s in samples]),
-        "caption": [s["caption"] for s in samples],
-        "key": [s["key"] for s in samples],
-        "skipped": counter.delta(),
+    """Tensors stacked, everything else (captions, keys) as lists; plus the skips so far."""
+    batch = {
+        k: torch.stack([s[k] for s in samples])
+        if isinstance(samples[0][k], torch.Tensor)
+        else [s[k] for s in samples]
+        for k in samples[0]
     }
+    batch["skipped"] = counter.delta()
+    return batch
+
+
+class Skip(Exception):
+    """Raised by a sample decoder to drop a sample under a counted ``reason``."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def caption_of(sample: dict) -> str:
+    key = next((k for k in CAPTION_KEYS if k in sample), None)
+    if key is None:
+        raise Skip("no_caption")
+    return sample[key].decode("utf-8").strip()
+
+
+class ImageSampleDecoder:
+    """``{"jpg": bytes, "txt": bytes, "json": ...}`` -> ``{"image": tensor, "caption": str}``."""
+
+    def __init__(self, transform: Callable[[Image.Image], torch.Tensor], min_size: int = 0):
+        self.transform, self.min_size = transform, min_size
+
+    def __call__(self, sample: dict) -> dict:
+        key = next((k for k in IMAGE_KEYS if k in sample), None)
+        if key is None:
+            raise Skip("no_image")
+        caption = caption_of(sample)
+        if self.min_size and "json" in sample:
+            meta = json.loads(sample["json"])
+            side = min(int(meta.get("width", 1 << 30)), int(meta.get("height", 1 << 30)))
+            if side < self.min_size:
+                raise Skip("too_small")
+        with Image.open(io.BytesIO(sample[key])) as img:
+            image = self.transform(img)
+        return {"image": image, "caption": caption}
 
 
 def resampled_shards(
@@ -125,6 +164,8 @@ class ShardPipeline(IterableDataset):
         shuffle_buffer: sample shuffle buffer per worker (0 disables).
         split_by_node: in exact mode, give each rank a disjoint subset of shards.
         min_size: drop images whose ``.json`` width or height is below this.
+        decoder: raw sample (``{ext: bytes}``) -> fields of the batch; raises :class:`Skip` for a
+            counted skip. Default: :class:`ImageSampleDecoder` (``transform``, ``min_size``).
     """
 
     def __init__(
@@ -140,6 +181,7 @@ class ShardPipeline(IterableDataset):
         min_size: int = 0,
         sources: list[list[str]] | None = None,
         weights: list[float] | None = None,
+        decoder: Callable[[dict], dict] | None = None,
     ):
         super().__init__()
         if resampled and not batches_per_worker:
@@ -148,7 +190,7 @@ class ShardPipeline(IterableDataset):
         self.urls, self.transform, self.batch_size = urls, transform, batch_size
         self.resampled, self.batches_per_worker = resampled, batches_per_worker
         self.shuffle_buffer, self.seed, self.split_by_node = shuffle_buffer, seed, split_by_node
-        self.min_size = min_size
+        self.decoder = decoder or ImageSampleDecoder(transform, min_size)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -163,26 +205,11 @@ class ShardPipeline(IterableDataset):
                 counter.counts["duplicate"] += 1
                 continue
             seen.add(sample["__key__"])
-            key = next((k for k in IMAGE_KEYS if k in sample), None)
-            if key is None:
-                counter.counts["no_image"] += 1
-                continue
-            cap_key = next((k for k in CAPTION_KEYS if k in sample), None)
-            if cap_key is None:
-                counter.counts["no_caption"] += 1
-                continue
             try:
-                if self.min_size and "json" in sample:
-                    meta = json.loads(sample["json"])
-                    if (
-                        min(int(meta.get("width", 1 << 30)), int(meta.get("height", 1 << 30)))
-                        < self.min_size
-                    ):
-                        counter.counts["too_small"] += 1
-                        continue
-                with Image.open(io.BytesIO(sample[key])) as img:
-                    image = self.transform(img.convert("RGB"))
-                caption = sample[cap_key].decode("utf-8").strip()
+                out = self.decoder(sample)
+            except Skip as skip:
+                counter.counts[skip.reason] += 1
+                continue
             except Exception as exn:  # noqa: BLE001 - any undecodable sample is skipped and counted
                 counter.counts["decode"] += 1
                 log.warning(
@@ -192,7 +219,7 @@ class ShardPipeline(IterableDataset):
                     exn,
                 )
                 continue
-            yield {"image": image, "caption": caption, "key": sample["__key__"]}
+            yield {**out, "key": sample["__key__"]}
 
     def _batch(self, counter: SkipCounter, samples: Iterator[dict]) -> Iterator[dict]:
         buf: list[dict] = []

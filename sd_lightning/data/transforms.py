@@ -1,28 +1,58 @@
-"""Image transforms: resize (antialiased) the shorter side, crop, optional flip, to [-1, 1]."""
+"""Image transforms: resize the shorter side (PIL bicubic, antialiased), crop, optional flip,
+to a uint8 tensor; :func:`to_model_range` makes it float in [-1, 1] after the transfer to the
+device (4x less to move between processes and to the GPU than float32).
+
+JPEGs are decoded at reduced scale where that still leaves at least the target size
+(``Image.draft``: the decoder skips the detail the resize would throw away), which makes large
+web images several times cheaper to load.
+"""
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
-import torchvision.transforms.v2 as T
 from PIL import Image
 
 
 class ImageTransform:
-    """PIL image -> float tensor (3, size, size) in [-1, 1]."""
+    """PIL image (any mode) -> uint8 tensor (3, size, size)."""
 
     def __init__(self, size: int, crop: str = "center", hflip: bool = False):
         if crop not in ("center", "random"):
             raise ValueError(f"data.crop must be 'center' or 'random', got {crop!r}")
-        self.size = size
-        steps = [
-            T.PILToTensor(),
-            T.Resize(size, interpolation=T.InterpolationMode.BICUBIC, antialias=True),
-            T.CenterCrop(size) if crop == "center" else T.RandomCrop(size),
-        ]
-        if hflip:
-            steps.append(T.RandomHorizontalFlip())
-        steps += [T.ToDtype(torch.float32, scale=True), T.Normalize([0.5] * 3, [0.5] * 3)]
-        self.transform = T.Compose(steps)
+        self.size, self.crop, self.hflip = size, crop, hflip
+
+    def resized(self, image: Image.Image) -> Image.Image:
+        """Decode (at reduced scale where possible) and resize the shorter side to ``size``."""
+        w, h = image.size
+        scale = self.size / min(w, h)
+        target = (max(self.size, math.ceil(w * scale)), max(self.size, math.ceil(h * scale)))
+        if image.format == "JPEG" and scale < 1:
+            image.draft("RGB", target)
+        image = image.convert("RGB")
+        if image.size != target:
+            image = image.resize(target, Image.Resampling.BICUBIC)
+        return image
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
-        return self.transform(image).clamp_(-1.0, 1.0)
+        image = self.resized(image)
+        w, h, s = *image.size, self.size
+        if self.crop == "center":
+            left, top = (w - s) // 2, (h - s) // 2
+        else:
+            left = int(torch.randint(0, w - s + 1, ()))
+            top = int(torch.randint(0, h - s + 1, ()))
+        image = image.crop((left, top, left + s, top + s))
+        if self.hflip and bool(torch.rand(()) < 0.5):
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        array = torch.from_numpy(np.array(image, dtype=np.uint8))
+        return array.permute(2, 0, 1).contiguous()
+
+
+def to_model_range(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images -> float32 in [-1, 1]; float images pass through."""
+    if images.dtype != torch.uint8:
+        return images
+    return images.float().div_(127.5).sub_(1.0)

@@ -77,11 +77,18 @@ def _tar_samples(shards: list[str], skipped: Counter) -> Iterator[dict[str, byte
 class ShardWriter:
     """Writes numbered shards of ``samples_per_shard`` samples each, atomically."""
 
-    def __init__(self, output: str, samples_per_shard: int, prefix: str = ""):
+    def __init__(
+        self,
+        output: str,
+        samples_per_shard: int,
+        prefix: str = "",
+        sizes_name: str | None = "sizes.json",
+    ):
         import webdataset as wds
 
         self._wds = wds
         self.output, self.per_shard, self.prefix = output, samples_per_shard, prefix
+        self.sizes_name = sizes_name
         self.sizes: dict[str, int] = {}
         self._tar = None
         self._count = 0
@@ -113,8 +120,9 @@ class ShardWriter:
     def finish(self) -> dict[str, int]:
         if self._tar is not None:
             self._close()
-        with open(os.path.join(self.output, "sizes.json"), "w") as f:
-            json.dump(self.sizes, f, indent=1)
+        if self.sizes_name:
+            with open(os.path.join(self.output, self.sizes_name), "w") as f:
+                json.dump(self.sizes, f, indent=1)
         return self.sizes
 
 

@@ -27,7 +27,7 @@ from sd_lightning.diffusion import schedules
 from sd_lightning.diffusion.guidance import generate
 from sd_lightning.diffusion.prediction import add_noise, v_target
 from sd_lightning.diffusion.training import min_snr_weight, offset_noise
-from sd_lightning.models.autoencoder import AutoencoderKL
+from sd_lightning.models.autoencoder import AutoencoderKL, DiagonalGaussian
 from sd_lightning.models.ema import EMA
 from sd_lightning.models.frozen import Frozen
 from sd_lightning.models.unet import UNetModel
@@ -209,7 +209,28 @@ class LatentDiffusionSystem(SkippedSamplesMixin):
     # -- latents and text ----------------------------------------------------------------------------
     @torch.no_grad()
     def encode_images(self, x: torch.Tensor, generator: torch.Generator | None = None):
-        posterior = self.vae.encode(x)
+        return self._scaled_latents(self.vae.encode(x), generator)
+
+    def batch_latents(self, batch: dict, generator: torch.Generator | None = None):
+        """Scaled latents of a batch: encoded online from ``image``, or drawn from the stored
+        posterior (``latent_mean``/``latent_logvar`` of ``data=latents``) without the encoder."""
+        if "latent_mean" in batch:
+            params = torch.cat([batch["latent_mean"], batch["latent_logvar"]], dim=1)
+            return self._scaled_latents(DiagonalGaussian(params.float()), generator)
+        return self.encode_images(batch["image"], generator)
+
+    def batch_context(self, batch: dict, captions: list[str]) -> torch.Tensor:
+        """Token states of ``captions`` (where dropped: ""), from the stored ``text_states`` of
+        ``data=latents`` when present (the encoder then runs only for the empty caption)."""
+        if "text_states" not in batch:
+            return self.encode_text(captions)
+        context = batch["text_states"].float().clone()
+        dropped = [i for i, c in enumerate(captions) if c == "" and batch["caption"][i] != ""]
+        if dropped:
+            context[dropped] = self.encode_text([""]).to(context)
+        return context
+
+    def _scaled_latents(self, posterior: DiagonalGaussian, generator=None) -> torch.Tensor:
         z = posterior.sample(generator) if self.sample_posterior else posterior.mode()
         z = z.float()
         if torch.isnan(self.latent_scale):
@@ -255,12 +276,12 @@ class LatentDiffusionSystem(SkippedSamplesMixin):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         self.count_skipped(batch)
         rng = self._rng
-        z = self.encode_images(batch["image"], rng)
+        z = self.batch_latents(batch, rng)
         captions = list(batch["caption"])
         if self.caption_dropout > 0:
             drop = torch.rand(len(captions), generator=rng, device=z.device) < self.caption_dropout
             captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
-        context = self.encode_text(captions)
+        context = self.batch_context(batch, captions)
         noise = offset_noise(z.shape, self.offset_noise, rng, device=z.device, dtype=z.dtype)
         n = len(self.alphas_cumprod)
         t = torch.randint(0, n, (z.shape[0],), generator=rng, device=z.device)
@@ -283,14 +304,13 @@ class LatentDiffusionSystem(SkippedSamplesMixin):
         return self.ema.net if self.ema is not None else self.unet
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        x = batch["image"]
-        bs = x.shape[0]
         generator = torch.Generator().manual_seed(10_000 + batch_idx)
-        z = self.encode_images(x)
+        z = self.batch_latents(batch)
+        bs = z.shape[0]
         noise = torch.randn(z.shape, generator=generator).to(z)
         n = len(self.alphas_cumprod)
         t = ((torch.arange(bs) + 0.5) * n / bs).long().clamp(max=n - 1).to(z.device)  # stratified
-        context = self.encode_text(list(batch["caption"]))
+        context = self.batch_context(batch, list(batch["caption"]))
         loss = self.diffusion_loss(self.sampling_net, z, context, t, noise)
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=bs)
 

@@ -1,0 +1,79 @@
+"""``stage=encode``: precompute the frozen VAE's latent distribution and the text encoder's
+states for a set of shards, into new shards that ``data=latents`` trains stage 2 on.
+
+    python -m sd_lightning stage=encode vae_ckpt=.../last.ckpt data.urls='/data/{0..99}.tar' \\
+        output=/data/latents trainer.devices=8
+
+Runs Lightning's predict loop (a progress bar, any number of devices and nodes): each rank reads
+its own share of the shards once (centre crops at ``data.image_size``) and writes its own
+``r<rank>-<index>.tar`` shards; ``sizes.json`` is merged at the end and the ``data.urls`` to train
+on is printed with the count.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader
+
+from sd_lightning.checkpoints import load_vae
+from sd_lightning.data.pipeline import ShardPipeline
+from sd_lightning.systems.encode import EncodeSystem, LatentShardWriter, merge_sizes, shard_pattern
+from sd_lightning.train import require
+
+log = logging.getLogger(__name__)
+
+
+def encode(cfg: DictConfig) -> dict[str, Any]:
+    require(cfg)
+    output = str(cfg.output)
+    if os.path.isdir(output) and any(f.endswith(".tar") for f in os.listdir(output)):
+        raise FileExistsError(
+            f"output={output!r} already holds shards: choose an empty or new folder (nothing "
+            f"there is overwritten)"
+        )
+    vae = load_vae(str(cfg.vae_ckpt))
+    text_encoder = instantiate(cfg.text_encoder) if cfg.encode_text else None
+    system = EncodeSystem(vae, text_encoder, dtype=str(cfg.dtype))
+
+    datamodule = instantiate(cfg.data, val_shards=0)
+    datamodule.prepare_data()
+    datamodule.setup("predict")
+    factor = vae.downsample_factor
+    if datamodule.image_size % factor:
+        raise ValueError(
+            f"data.image_size={datamodule.image_size} is not divisible by the VAE's downsampling "
+            f"factor {factor}"
+        )
+    dataset = ShardPipeline(
+        datamodule.train_shard_urls,
+        datamodule.val_transform,  # centre crops: latents of the whole image, no augmentation
+        datamodule.batch_size,
+        resampled=False,
+        shuffle_buffer=0,
+        split_by_node=True,
+    )
+    loader = DataLoader(dataset, batch_size=None, num_workers=datamodule.num_workers)
+    writer = LatentShardWriter(output, int(cfg.samples_per_shard))
+    trainer: L.Trainer = instantiate(
+        cfg.trainer, callbacks=[writer], logger=False, enable_checkpointing=False
+    )
+    trainer.predict(system, dataloaders=loader, return_predictions=False)
+    trainer.strategy.barrier()
+    if not trainer.is_global_zero:
+        return {}
+    sizes = merge_sizes(output)
+    total = sum(sizes.values())
+    urls = shard_pattern(output, list(sizes))
+    print(
+        f"encoded {total} samples into {len(sizes)} shards in {output} "
+        f"(latents {vae.embed_dim}x{datamodule.image_size // factor}x"
+        f"{datamodule.image_size // factor}, text states: {bool(cfg.encode_text)}); "
+        f"train with data=latents data.urls='{urls}'"
+    )
+    return {"samples": total, "shards": len(sizes), "urls": urls}
