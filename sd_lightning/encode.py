@@ -13,7 +13,6 @@ on is printed with the count.
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
 import lightning as L
@@ -23,6 +22,7 @@ from torch.utils.data import DataLoader
 
 from sd_lightning.checkpoints import load_vae
 from sd_lightning.data.pipeline import ShardPipeline
+from sd_lightning.data.writer import refuse_existing_shards
 from sd_lightning.systems.encode import EncodeSystem, LatentShardWriter, merge_sizes, shard_pattern
 from sd_lightning.train import require
 
@@ -32,11 +32,7 @@ log = logging.getLogger(__name__)
 def encode(cfg: DictConfig) -> dict[str, Any]:
     require(cfg)
     output = str(cfg.output)
-    if os.path.isdir(output) and any(f.endswith(".tar") for f in os.listdir(output)):
-        raise FileExistsError(
-            f"output={output!r} already holds shards: choose an empty or new folder (nothing "
-            f"there is overwritten)"
-        )
+    refuse_existing_shards(output)
     vae = load_vae(str(cfg.vae_ckpt))
     text_encoder = instantiate(cfg.text_encoder) if cfg.encode_text else None
     system = EncodeSystem(vae, text_encoder, dtype=str(cfg.dtype))

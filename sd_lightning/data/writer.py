@@ -126,6 +126,15 @@ class ShardWriter:
         return self.sizes
 
 
+def refuse_existing_shards(output: str) -> None:
+    """Writers never mix new shards with old ones: an output folder with shards is an error."""
+    if os.path.isdir(output) and any(f.endswith(".tar") for f in os.listdir(output)):
+        raise FileExistsError(
+            f"output={output!r} already holds shards: choose an empty or new folder (nothing "
+            f"there is overwritten)"
+        )
+
+
 def write_shards(
     input: str, output: str, samples_per_shard: int = 10000, prefix: str = ""
 ) -> dict[str, Any]:
@@ -135,11 +144,7 @@ def write_shards(
         raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
     if not os.path.isdir(input):
         raise FileNotFoundError(f"input={input!r}: no such folder")
-    if os.path.isdir(output) and any(f.endswith(".tar") for f in os.listdir(output)):
-        raise FileExistsError(
-            f"output={output!r} already holds shards: choose an empty or new folder (nothing "
-            f"there is overwritten)"
-        )
+    refuse_existing_shards(output)
     os.makedirs(output, exist_ok=True)
     skipped: Counter[str] = Counter()
     tars = sorted(
