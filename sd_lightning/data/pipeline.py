@@ -19,7 +19,8 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import IterableDataset
 from webdataset.filters import _shuffle as shuffle
-from webdataset.tariterators import tarfile_samples
+
+from sd_lightning.data.tar import shard_samples
 
 log = logging.getLogger(__name__)
 
@@ -34,16 +35,6 @@ class SkipCounter:
     def __init__(self):
         self.counts: Counter[str] = Counter()
         self._reported: Counter[str] = Counter()
-
-    def tar_handler(self, exn: Exception) -> bool:
-        """``wds`` handler for unreadable tar members / truncated shards: count and go on. A file
-        name repeated inside one sample is dropped as a duplicate (the first copy stays)."""
-        reason = "duplicate" if "duplicate file name" in str(exn) else "tar"
-        self.counts[reason] += 1
-        log.warning(
-            "skipping %s tar data: %r", "duplicate" if reason == "duplicate" else "unreadable", exn
-        )
-        return True
 
     def delta(self) -> dict[str, int]:
         """Counts since the previous call (what the next batch reports)."""
@@ -245,7 +236,7 @@ class ShardPipeline(IterableDataset):
             stream = exact_shards(
                 self.urls, self.seed, self.epoch, rank, world, worker, workers, cycle
             )
-        samples = tarfile_samples(stream, handler=counter.tar_handler)
+        samples = shard_samples(stream, counter.counts)
         if self.shuffle_buffer > 0:
             rng = random.Random(f"shuffle-{self.seed}-{self.epoch}-{rank}-{worker}")
             samples = shuffle(samples, self.shuffle_buffer, min(100, self.shuffle_buffer), rng)

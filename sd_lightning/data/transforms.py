@@ -31,7 +31,8 @@ class ImageTransform:
         target = (max(self.size, math.ceil(w * scale)), max(self.size, math.ceil(h * scale)))
         if image.format == "JPEG" and scale < 1:
             image.draft("RGB", target)
-        image = image.convert("RGB")
+        if image.mode != "RGB":  # convert copies even when there is nothing to convert
+            image = image.convert("RGB")
         if image.size != target:
             image = image.resize(target, Image.Resampling.BICUBIC)
         return image
@@ -48,7 +49,7 @@ class ImageTransform:
         if self.hflip and bool(torch.rand(()) < 0.5):
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         array = torch.from_numpy(np.array(image, dtype=np.uint8))
-        return array.permute(2, 0, 1).contiguous()
+        return array.permute(2, 0, 1)  # a view: collate's stack makes the batch contiguous
 
 
 def to_model_range(images: torch.Tensor) -> torch.Tensor:

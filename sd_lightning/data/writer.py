@@ -59,14 +59,9 @@ def _folder_samples(root: str, skipped: Counter) -> Iterator[dict[str, bytes]]:
 
 def _tar_samples(shards: list[str], skipped: Counter) -> Iterator[dict[str, bytes]]:
     """Samples of existing shards with all their files (img2dataset writes jpg, txt, json)."""
-    from webdataset.tariterators import tarfile_samples
+    from sd_lightning.data.tar import shard_samples
 
-    def handler(exn: Exception) -> bool:
-        skipped["tar"] += 1
-        log.warning("skipping unreadable tar data: %r", exn)
-        return True
-
-    for sample in tarfile_samples(({"url": s} for s in shards), handler=handler):
+    for sample in shard_samples(shards, skipped):
         files = {k: v for k, v in sample.items() if not k.startswith("__")}
         if not any(k in files for k in ("txt", "caption")):
             skipped["no_caption"] += 1
