@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-fast demo bench-data lint clean
+.PHONY: help install test test-fast slurm-deps demo bench-data lint clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
@@ -18,8 +18,18 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP) ## make .venv and install the package with its dev extra
 
-test: $(STAMP) ## run the whole test suite (installs first)
+test: $(STAMP) slurm-deps ## run the whole test suite (installs first)
 	$(BIN)/pytest tests
+
+# The SLURM tests start a real slurmctld + two slurmd on this machine (tests/slurm_cluster.py).
+slurm-deps: ## install SLURM and munge for the SLURM tests (apt, as root); they skip without
+	@command -v slurmctld >/dev/null 2>&1 || [ -x /usr/sbin/slurmctld ] || { \
+	  [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  { DEBIAN_FRONTEND=noninteractive apt-get install -y -q slurm-wlm munge >/dev/null 2>&1 || \
+	    { apt-get update -q >/dev/null 2>&1 && \
+	      DEBIAN_FRONTEND=noninteractive apt-get install -y -q slurm-wlm munge >/dev/null 2>&1; }; } && \
+	  echo "installed slurm-wlm and munge for the SLURM tests"; } || \
+	  echo "SLURM could not be installed here: the SLURM tests will skip"
 
 test-fast: $(STAMP) ## run the tests not marked slow
 	$(BIN)/pytest tests -m "not slow"

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import logging
 import os
+import uuid
 
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
 
 log = logging.getLogger(__name__)
 
@@ -20,6 +22,29 @@ def _has_wandb_key() -> bool:
         return os.path.isfile(path) and netrc.netrc(path).authenticators("api.wandb.ai") is not None
     except (OSError, netrc.NetrcParseError):
         return False
+
+
+def run_id(save_dir: str) -> str:
+    """The wandb run id of this run directory: read from ``<save_dir>/wandb/run_id``, or made and
+    written there (by rank 0) the first time."""
+    path = os.path.join(save_dir, "wandb", "run_id")
+    if os.path.isfile(path):
+        with open(path) as f:
+            found = f.read().strip()
+        if found:
+            return found
+    return _new_run_id(save_dir)
+
+
+def _new_run_id(save_dir: str) -> str:
+    new = uuid.uuid4().hex[:8]  # wandb's form: 8 lower-case letters and digits
+    if rank_zero_only.rank == 0:
+        path = os.path.join(save_dir, "wandb", "run_id")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path + ".tmp", "w") as f:
+            f.write(new + "\n")
+        os.replace(path + ".tmp", path)
+    return new
 
 
 def wandb_logger(save_dir: str, offline: bool | None = None, **kwargs) -> WandbLogger:
@@ -45,6 +70,9 @@ def wandb_logger(save_dir: str, offline: bool | None = None, **kwargs) -> WandbL
         )
     os.environ.setdefault("WANDB_SILENT", "true")
     kwargs.setdefault("settings", {"init_timeout": 90})  # bound a stalled network
+    if kwargs.get("id") is None:  # a requeued or resumed job continues the same wandb run
+        kwargs["id"] = run_id(save_dir)
+        kwargs.setdefault("resume", "allow")
     return FallbackWandbLogger(save_dir=save_dir, offline=offline, **kwargs)
 
 
@@ -67,5 +95,8 @@ class FallbackWandbLogger(WandbLogger):
                 )
                 self._offline = True
                 self._wandb_init["mode"] = "offline"
+                # wandb's service still holds the failed run's id: the offline run gets a new
+                # one, which the run directory keeps for the next (requeued) job
+                self._wandb_init["id"] = _new_run_id(self.save_dir)
                 self._experiment = None
         return super().experiment

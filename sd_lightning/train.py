@@ -18,6 +18,9 @@ from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
 
+from sd_lightning.callbacks import Preemption
+from sd_lightning.resume import resolve_ckpt_path
+
 log = logging.getLogger(__name__)
 
 
@@ -57,10 +60,18 @@ def train(cfg: DictConfig) -> dict[str, float]:
     for logger in loggers:
         logger.log_hyperparams(system.run_config)
 
+    ckpt_path = resolve_ckpt_path(
+        cfg.get("ckpt_path"), os.path.join(cfg.paths.output_dir, "checkpoints")
+    )
     try:
-        trainer.fit(system, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        trainer.fit(system, datamodule=datamodule, ckpt_path=ckpt_path)
     finally:
         _finish_wandb(loggers)  # each job of a multirun sweep gets its own wandb run
+
+    preemption = next((c for c in callbacks if isinstance(c, Preemption)), None)
+    if preemption is not None and preemption.stopped:  # not finished: no export
+        preemption.finish(trainer.is_global_zero)
+        return {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
 
     if trainer.is_global_zero:
         checkpoint = trainer.checkpoint_callback

@@ -57,3 +57,14 @@ def test_unreachable_server_falls_back_to_offline(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     assert "could not start an online run" in out.stdout + out.stderr
     assert _offline_runs(run) and (run / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_run_directory_keeps_its_wandb_run_id(tmp_path):
+    """A requeued or resumed job logs into the same wandb run: the id lives in the run dir."""
+    from sd_lightning.loggers import run_id
+
+    first = run_id(str(tmp_path))
+    assert len(first) == 8 and first.isalnum()
+    assert (tmp_path / "wandb" / "run_id").read_text().strip() == first
+    assert run_id(str(tmp_path)) == first
+    assert run_id(str(tmp_path / "other")) != first

@@ -21,15 +21,16 @@ log = logging.getLogger(__name__)
 
 
 class _EpochLoader(DataLoader):
-    """A DataLoader that tells its dataset the trainer's epoch before each pass, so resampled
-    shard streams differ per epoch and a resumed run continues the sequence."""
+    """A DataLoader that tells its dataset where the run is before each pass (``position_fn``:
+    the data epoch, and the batches of it already trained), so streams differ per epoch and a
+    resumed run continues the sequence."""
 
-    def __init__(self, *args, epoch_fn, **kwargs):
+    def __init__(self, *args, position_fn, **kwargs):
         super().__init__(*args, **kwargs)
-        self._epoch_fn = epoch_fn
+        self._position_fn = position_fn
 
     def __iter__(self):
-        self.dataset.set_epoch(self._epoch_fn())
+        self.dataset.set_epoch(*self._position_fn())
         return super().__iter__()
 
 
@@ -113,6 +114,7 @@ class WebDataModule(L.LightningDataModule):
         self.num_workers, self.samples_per_epoch = num_workers, samples_per_epoch
         self.shuffle_buffer, self.seed = shuffle_buffer, seed
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self._trained = 0  # training batches of this rank so far, over all epochs
         self.train_transform = ImageTransform(image_size, crop=crop, hflip=hflip)
         self.val_transform = ImageTransform(image_size, crop="center")
         self.min_size = min_size
@@ -170,8 +172,24 @@ class WebDataModule(L.LightningDataModule):
                 )
 
     # -- loaders ---------------------------------------------------------------------------------
+    # -- where the training stream is (saved in checkpoints) --------------------------------------
+    # The data epoch and the seeds of its streams follow from the batches trained so far (counted
+    # here, saved in checkpoints), not from Lightning's epoch counter, whose bookkeeping around a
+    # checkpoint written at the end of an epoch differs between a run and its resumption.
+    def state_dict(self) -> dict[str, int]:
+        return {"batches": self._trained}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._trained = int(state["batches"])
+
+    def _stream_position(self) -> tuple[int, int]:
+        """(data epoch, batches of it already trained) for the train loader's next pass."""
+        return divmod(self._trained, self.batches_per_epoch())
+
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Images travel as uint8 and become float in [-1, 1] on the device."""
+        if self.trainer is not None and self.trainer.training:
+            self._trained += 1  # batches that reached training, not prefetched ones
         if isinstance(batch, dict) and "image" in batch:
             batch["image"] = to_model_range(batch["image"])
         return batch
@@ -216,7 +234,7 @@ class WebDataModule(L.LightningDataModule):
             batch_size=None,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
-            epoch_fn=lambda: self.trainer.current_epoch if self.trainer is not None else 0,
+            position_fn=self._stream_position,
         )
 
     def val_dataloader(self) -> DataLoader | list:

@@ -34,7 +34,7 @@ class LatentSampleDecoder:
     def __init__(self, text_states: bool = True):
         self.text_states = text_states
 
-    def __call__(self, sample: dict) -> dict[str, Any]:
+    def __call__(self, sample: dict, rng: Any = None) -> dict[str, Any]:
         if "mean.npy" not in sample or "logvar.npy" not in sample:
             raise Skip("no_image")
         out = {

@@ -76,7 +76,7 @@ class ImageSampleDecoder:
     def __init__(self, transform: Callable[[Image.Image], torch.Tensor], min_size: int = 0):
         self.transform, self.min_size = transform, min_size
 
-    def __call__(self, sample: dict) -> dict:
+    def __call__(self, sample: dict, rng: random.Random | None = None) -> dict:
         key = next((k for k in IMAGE_KEYS if k in sample), None)
         if key is None:
             raise Skip("no_image")
@@ -87,7 +87,7 @@ class ImageSampleDecoder:
             if side < self.min_size:
                 raise Skip("too_small")
         with Image.open(io.BytesIO(sample[key])) as img:
-            image = self.transform(img)
+            image = self.transform(img, rng)
         return {"image": image, "caption": caption}
 
 
@@ -99,12 +99,14 @@ def resampled_shards(
     worker: int,
     sources: list[list[str]] | None = None,
     weights: list[float] | None = None,
+    offset: int = 0,
 ) -> Iterator[dict]:
     """Shards drawn with replacement, seeded by (seed, epoch, rank, worker): a restarted run draws
     the same stream, and ranks and workers draw different ones. With ``weights``, a source (one
     ``::``-joined part of ``data.urls``) is drawn with those probabilities, then one of its shards
-    uniformly; without, every shard is equally likely."""
-    rng = random.Random(f"{seed}-{epoch}-{rank}-{worker}")
+    uniformly; without, every shard is equally likely. ``offset`` > 0 (a restart mid-epoch after
+    that many batches) gives a stream of its own."""
+    rng = random.Random(f"{seed}-{epoch}-{rank}-{worker}" + (f"-from{offset}" if offset else ""))
     while True:
         if weights:
             source = rng.choices(sources, weights=weights)[0]
@@ -122,6 +124,7 @@ def exact_shards(
     worker: int,
     workers: int,
     cycle: bool,
+    offset: int = 0,
 ) -> Iterator[dict]:
     """This (rank, worker)'s disjoint share of ``urls``, each shard once per pass; with ``cycle``
     (training), in an order shuffled per epoch and pass, passes repeating until the caller stops
@@ -131,7 +134,8 @@ def exact_shards(
     while True:
         order = list(mine)
         if cycle:  # training: a new order every epoch and pass; evaluation: the given order
-            random.Random(f"exact-{seed}-{epoch}-{passes}-{rank}-{worker}").shuffle(order)
+            key = f"exact-{seed}-{epoch}-{passes}-{rank}-{worker}"
+            random.Random(key + (f"-from{offset}" if offset else "")).shuffle(order)
         yield from ({"url": u} for u in order)
         passes += 1
         if not cycle or not mine:
@@ -155,7 +159,8 @@ class ShardPipeline(IterableDataset):
         shuffle_buffer: sample shuffle buffer per worker (0 disables).
         split_by_node: in exact mode, give each rank a disjoint subset of shards.
         min_size: drop images whose ``.json`` width or height is below this.
-        decoder: raw sample (``{ext: bytes}``) -> fields of the batch; raises :class:`Skip` for a
+        decoder: ``(raw sample {ext: bytes}, rng)`` -> fields of the batch, with ``rng`` a
+            ``random.Random`` of the worker's stream for augmentations; raises :class:`Skip` for a
             counted skip. Default: :class:`ImageSampleDecoder` (``transform``, ``min_size``).
     """
 
@@ -182,12 +187,21 @@ class ShardPipeline(IterableDataset):
         self.resampled, self.batches_per_worker = resampled, batches_per_worker
         self.shuffle_buffer, self.seed, self.split_by_node = shuffle_buffer, seed, split_by_node
         self.decoder = decoder or ImageSampleDecoder(transform, min_size)
-        self.epoch = 0
+        self.epoch, self.offset = 0, 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, offset: int = 0) -> None:
+        """The epoch, and the batches of it already trained when the stream (re)starts: a run
+        resumed mid-epoch draws a new stream seeded from that point instead of replaying the
+        epoch's start (at an epoch boundary, offset 0, it is the uninterrupted run's stream)."""
+        self.epoch, self.offset = epoch, offset
 
-    def _decode(self, counter: SkipCounter, samples: Iterator[dict]) -> Iterator[dict]:
+    def _seed(self, kind: str, rank: int, worker: int) -> str:
+        base = f"{kind}{self.seed}-{self.epoch}-{rank}-{worker}"
+        return base + (f"-from{self.offset}" if self.offset else "")
+
+    def _decode(
+        self, counter: SkipCounter, samples: Iterator[dict], rng: random.Random
+    ) -> Iterator[dict]:
         url, seen = None, set()
         for sample in samples:
             if sample.get("__url__") != url:  # keys are unique per shard
@@ -197,7 +211,7 @@ class ShardPipeline(IterableDataset):
                 continue
             seen.add(sample["__key__"])
             try:
-                out = self.decoder(sample)
+                out = self.decoder(sample, rng)
             except Skip as skip:
                 counter.counts[skip.reason] += 1
                 continue
@@ -227,20 +241,28 @@ class ShardPipeline(IterableDataset):
         rank, world, worker, workers = wds.utils.pytorch_worker_info()
         if self.resampled:
             stream = resampled_shards(
-                self.urls, self.seed, self.epoch, rank, worker, self.sources, self.weights
+                self.urls,
+                self.seed,
+                self.epoch,
+                rank,
+                worker,
+                self.sources,
+                self.weights,
+                self.offset,
             )
         else:
             if not self.split_by_node:
                 rank, world = 0, 1
             cycle = bool(self.batches_per_worker)
             stream = exact_shards(
-                self.urls, self.seed, self.epoch, rank, world, worker, workers, cycle
+                self.urls, self.seed, self.epoch, rank, world, worker, workers, cycle, self.offset
             )
         samples = shard_samples(stream, counter.counts)
         if self.shuffle_buffer > 0:
-            rng = random.Random(f"shuffle-{self.seed}-{self.epoch}-{rank}-{worker}")
+            rng = random.Random(self._seed("shuffle-", rank, worker))
             samples = shuffle(samples, self.shuffle_buffer, min(100, self.shuffle_buffer), rng)
-        batches = self._batch(counter, self._decode(counter, samples))
+        augment = random.Random(self._seed("augment-", rank, worker))
+        batches = self._batch(counter, self._decode(counter, samples, augment))
         if not self.batches_per_worker:
             yield from batches
             return

@@ -10,6 +10,7 @@ web images several times cheaper to load.
 from __future__ import annotations
 
 import math
+import random
 
 import numpy as np
 import torch
@@ -37,16 +38,18 @@ class ImageTransform:
             image = image.resize(target, Image.Resampling.BICUBIC)
         return image
 
-    def __call__(self, image: Image.Image) -> torch.Tensor:
+    def __call__(self, image: Image.Image, rng: random.Random | None = None) -> torch.Tensor:
+        """``rng`` draws the random crop and flip (the pipeline seeds one per worker stream, so
+        a restarted run crops alike); without it, Python's global ``random``."""
+        rng = rng or random
         image = self.resized(image)
         w, h, s = *image.size, self.size
         if self.crop == "center":
             left, top = (w - s) // 2, (h - s) // 2
         else:
-            left = int(torch.randint(0, w - s + 1, ()))
-            top = int(torch.randint(0, h - s + 1, ()))
+            left, top = rng.randint(0, w - s), rng.randint(0, h - s)
         image = image.crop((left, top, left + s, top + s))
-        if self.hflip and bool(torch.rand(()) < 0.5):
+        if self.hflip and rng.random() < 0.5:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         array = torch.from_numpy(np.array(image, dtype=np.uint8))
         return array.permute(2, 0, 1)  # a view: collate's stack makes the batch contiguous

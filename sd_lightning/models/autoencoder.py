@@ -214,10 +214,13 @@ class AutoencoderKL(nn.Module):
         return self.decoder(self.post_quant_conv(z))
 
     def forward(
-        self, x: torch.Tensor, sample_posterior: bool = True
+        self,
+        x: torch.Tensor,
+        sample_posterior: bool = True,
+        generator: torch.Generator | None = None,
     ) -> tuple[torch.Tensor, DiagonalGaussian]:
         posterior = self.encode(x)
-        z = posterior.sample() if sample_posterior else posterior.mode()
+        z = posterior.sample(generator) if sample_posterior else posterior.mode()
         return self.decode(z), posterior
 
     @property

@@ -32,6 +32,7 @@ from sd_lightning.models.ema import EMA
 from sd_lightning.models.frozen import Frozen
 from sd_lightning.models.unet import UNetModel
 from sd_lightning.systems.images import log_image, to_uint8
+from sd_lightning.systems.rng import StepSeededMixin
 from sd_lightning.systems.skipped import SkippedSamplesMixin
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,7 @@ def make_alphas_cumprod(
     return schedules.alphas_cumprod(betas.double()).float()
 
 
-class LatentDiffusionSystem(SkippedSamplesMixin):
+class LatentDiffusionSystem(StepSeededMixin, SkippedSamplesMixin):
     """Trains ``unet`` on ``vae`` latents conditioned on ``text_encoder`` token states.
 
     Args:
@@ -160,14 +161,6 @@ class LatentDiffusionSystem(SkippedSamplesMixin):
         self.init_skipped()
         self.seed = seed
         self.run_config: dict[str, Any] | None = None
-        self._ema_step = -1
-        self._rng: torch.Generator | None = None
-
-    def on_fit_start(self) -> None:
-        # Timesteps, noise, posterior samples and caption dropout from a generator of their own,
-        # seeded per rank (the global RNG is seeded alike on every rank) and per start step.
-        key = hash((self.seed, self.global_rank, self.global_step)) % (2**63)
-        self._rng = torch.Generator(device=self.device).manual_seed(key)
 
     # -- frozen parts stay frozen ------------------------------------------------------------------
     def train(self, mode: bool = True) -> LatentDiffusionSystem:
@@ -275,7 +268,7 @@ class LatentDiffusionSystem(SkippedSamplesMixin):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         self.count_skipped(batch)
-        rng = self._rng
+        rng = self.step_rng()  # timesteps, noise, posterior samples, caption dropout
         z = self.batch_latents(batch, rng)
         captions = list(batch["caption"])
         if self.caption_dropout > 0:
@@ -291,11 +284,15 @@ class LatentDiffusionSystem(SkippedSamplesMixin):
         self.log_skipped()
         return loss
 
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        # after the optimizer step (once per accumulation window: global_step moved)
-        if self.ema is not None and self.global_step != self._ema_step:
-            self._ema_step = self.global_step
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # right after the step, before any callback's on_train_batch_end: a checkpoint written at
+        # this step holds this step's EMA update
+        if self.ema is not None:
             self.ema.update(self.unet)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        if self.ema is not None:
             self.log("train/ema_decay", self.ema.current_decay(), batch_size=1)
 
     # -- validation: a loss with fixed noise and timesteps, and a fixed grid of samples ----------

@@ -20,6 +20,7 @@ from sd_lightning.checkpoints import check_stage
 from sd_lightning.losses.autoencoder_loss import AutoencoderLoss
 from sd_lightning.models.autoencoder import AutoencoderKL
 from sd_lightning.systems.images import log_image, pairs_grid
+from sd_lightning.systems.rng import StepSeededMixin
 from sd_lightning.systems.skipped import SkippedSamplesMixin
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ def _noop() -> None:
     pass
 
 
-class VAESystem(SkippedSamplesMixin):
+class VAESystem(StepSeededMixin, SkippedSamplesMixin):
     """Trains ``autoencoder`` with ``loss`` (which owns the discriminator and the learned logvar).
 
     Args:
@@ -60,6 +61,7 @@ class VAESystem(SkippedSamplesMixin):
         accumulate_grad_batches: int = 1,
         gradient_clip_val: float | None = None,
         num_val_images: int = 8,
+        seed: int = 0,
     ):
         super().__init__()
         if accumulate_grad_batches < 1:
@@ -84,6 +86,7 @@ class VAESystem(SkippedSamplesMixin):
         self.accumulate_grad_batches = accumulate_grad_batches
         self.gradient_clip_val = gradient_clip_val
         self.num_val_images = num_val_images
+        self.seed = seed
         self.val_psnr = PeakSignalNoiseRatio(data_range=1.0)
         self.val_ssim = StructuralSimilarityIndexMeasure(data_range=1.0)
         self.val_lpips = MeanMetric()
@@ -151,7 +154,7 @@ class VAESystem(SkippedSamplesMixin):
         accumulate = self.accumulate_grad_batches
         update = (batch_idx + 1) % accumulate == 0
 
-        recon, posterior = self.autoencoder(x)
+        recon, posterior = self.autoencoder(x, generator=self.step_rng())
         with self.toggled_optimizer(opt_ae):
             loss, logs = self.loss.generator_loss(
                 x, recon, posterior, step, last_layer=self.autoencoder.last_layer

@@ -1,0 +1,140 @@
+"""Preemption: on SIGUSR1 (SLURM's warning before the time limit, ``--signal=SIGUSR1@90``),
+SIGUSR2 (the same from submitit, ``hydra/launcher=slurm``) or SIGTERM (preemption, ``scancel``, a container stopping), every rank agrees at the next step
+boundary, one checkpoint is written atomically, training stops cleanly and, inside a SLURM batch
+job, the job requeues itself. The requeued job runs in the same run directory and resumes from
+that checkpoint (``ckpt_path=auto``).
+
+The signal handler only sets a flag: saving inside a handler could interrupt a collective or an
+optimizer step half-way. After each training batch the ranks all-reduce the flag (one small
+collective), so a signal seen by any rank stops every rank at the same step. Lightning's own SLURM
+handlers (checkpoint and ``scontrol requeue`` inside the handler, a broadcast inside the SIGTERM
+handler) are replaced for the duration of ``fit``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def in_slurm_batch_job() -> bool:
+    """Inside an ``sbatch`` job (not an interactive ``srun``/``salloc`` shell)."""
+    return "SLURM_JOB_ID" in os.environ and os.environ.get("SLURM_JOB_NAME") not in (
+        "bash",
+        "interactive",
+    )
+
+
+def requeue_slurm_job() -> bool:
+    """``scontrol requeue`` this job (array jobs by their array id); True when SLURM took it."""
+    array = os.environ.get("SLURM_ARRAY_JOB_ID")
+    job = f"{array}_{os.environ['SLURM_ARRAY_TASK_ID']}" if array else os.environ["SLURM_JOB_ID"]
+    result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+    if result.returncode == 0:
+        log.warning("preemption: requeued SLURM job %s; it resumes in the same run directory", job)
+        return True
+    log.error(
+        "preemption: `scontrol requeue %s` failed (%s); resubmit the job with the same run "
+        "directory (hydra.run.dir=...) to resume from the checkpoint",
+        job,
+        result.stderr.strip(),
+    )
+    return False
+
+
+class Preemption(L.Callback):
+    """Checkpoint and stop on a signal; requeue under SLURM.
+
+    Args:
+        signals: signal names that trigger it.
+        filename: the checkpoint file in the checkpoint folder (``{step}`` is filled in); older
+            preemption checkpoints of the run are removed once the new one is written.
+        requeue: ``auto`` requeues inside a SLURM batch job, ``true``/``false`` force it.
+    """
+
+    def __init__(
+        self,
+        signals: tuple[str, ...] | list[str] = ("SIGUSR1", "SIGUSR2", "SIGTERM"),
+        filename: str = "preempted-step{step:08d}.ckpt",
+        requeue: str | bool = "auto",
+    ):
+        self.signums = [signal.Signals[name] for name in signals]
+        self.filename, self.requeue = filename, requeue
+        self.received: str | None = None  # the signal this process saw
+        self.stopped = False  # every rank agreed and a checkpoint was written
+        self.checkpoint_path: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    # -- handlers ----------------------------------------------------------------------------------
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.received is None:
+            log.warning(
+                "preemption: received %s; checkpointing at the end of this step",
+                signal.Signals(signum).name,
+            )
+        self.received = signal.Signals(signum).name
+
+    def _install(self) -> None:
+        for signum in self.signums:
+            previous = signal.signal(signum, self._handle)
+            self._previous.setdefault(signum, previous)
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit":  # before Lightning registers its own, and before workers fork
+            self._install()
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._install()  # Lightning has composed its SIGTERM handler in the meantime
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
+        self._previous = {}
+
+    # -- the agreed stop ---------------------------------------------------------------------------
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
+        local = torch.tensor(self.received is not None)
+        if not trainer.strategy.reduce_boolean_decision(local, all=False):
+            return
+        folder = self._folder(trainer)
+        path = os.path.join(folder, self.filename.format(step=trainer.global_step))
+        trainer.save_checkpoint(path)  # every rank calls it; the strategy writes and waits
+        if trainer.is_global_zero:
+            for old in Path(folder).glob(self.filename.split("{")[0] + "*.ckpt"):
+                if str(old) != path:
+                    old.unlink(missing_ok=True)
+            log.warning(
+                "preemption: checkpoint at step %d written to %s", trainer.global_step, path
+            )
+        self.checkpoint_path, self.stopped = path, True
+        trainer.should_stop = True
+        trainer.limit_val_batches = 0  # Lightning would validate on stopping: no time for that
+
+    @staticmethod
+    def _folder(trainer: L.Trainer) -> str:
+        callback = trainer.checkpoint_callback
+        if callback is not None and getattr(callback, "dirpath", None):
+            return callback.dirpath
+        return os.path.join(trainer.default_root_dir, "checkpoints")
+
+    def finish(self, is_global_zero: bool) -> None:
+        """After ``fit`` (and the loggers) have finished: requeue the SLURM job if asked."""
+        if not self.stopped or not is_global_zero:
+            return
+        requeue = in_slurm_batch_job() if self.requeue == "auto" else bool(self.requeue)
+        if requeue:
+            requeue_slurm_job()
+        else:
+            log.warning(
+                "preemption: stopped at %s; run the same command again to resume from it",
+                self.checkpoint_path,
+            )

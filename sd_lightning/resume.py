@@ -1,0 +1,90 @@
+"""Checkpoint files that survive being killed: atomic writes, and resuming from the newest
+complete checkpoint of a run directory.
+
+``ckpt_path=auto`` (the default) looks in ``<run dir>/checkpoints`` for every ``*.ckpt`` (the
+preemption checkpoint, ``last.ckpt``, the periodic ones), opens each with
+``torch.load(weights_only=True, mmap=True)`` (which reads the index, not the weights) and resumes
+from the one with the highest step; a file that does not open (torn by a crash on a file system
+without atomic rename, or foreign) is skipped with a warning. A fresh run directory has none and
+starts from scratch, so a requeued SLURM job that reuses its run directory resumes by itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+log = logging.getLogger(__name__)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """``torch.save`` into a temporary file beside the target, ``fsync``, then ``os.replace``: a
+    reader (or a resumed job) sees the old checkpoint or the new one, never half of one. Lightning's
+    own save goes through a temporary file in ``/tmp`` and a move, which is a copy, not atomic,
+    when the run directory is on another file system (NFS, Lustre)."""
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None
+    ) -> None:
+        path = os.fspath(path)
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{os.getpid()}")
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+
+def checkpoint_step(path: str) -> int | None:
+    """The ``global_step`` a checkpoint file holds, or None when it cannot be read."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return int(checkpoint["global_step"])
+    except Exception as exn:  # noqa: BLE001 - any unreadable file is skipped, not fatal
+        log.warning("resume: skipping %s, which does not load (%s)", path, exn)
+        return None
+
+
+def newest_checkpoint(folder: str) -> str | None:
+    """The complete ``*.ckpt`` in ``folder`` with the highest step (the newest file on ties)."""
+    if not os.path.isdir(folder):
+        return None
+    best: tuple[int, float, str] | None = None
+    for name in os.listdir(folder):
+        path = os.path.join(folder, name)
+        if not name.endswith(".ckpt") or name.startswith(".") or not os.path.isfile(path):
+            continue
+        step = checkpoint_step(path)
+        if step is not None:
+            key = (step, os.path.getmtime(path), path)
+            best = key if best is None or key > best else best
+    return best[2] if best else None
+
+
+def resolve_ckpt_path(ckpt_path: str | None, checkpoint_dir: str) -> str | None:
+    """``auto``: the newest complete checkpoint in ``checkpoint_dir`` (None when there is none);
+    ``null``: start fresh; anything else: that file, which must exist."""
+    if ckpt_path is None:
+        return None
+    if str(ckpt_path) == "auto":
+        found = newest_checkpoint(checkpoint_dir)
+        if found:
+            log.info("resume: continuing from %s (the newest complete checkpoint)", found)
+        return found
+    if not os.path.isfile(ckpt_path):
+        raise FileNotFoundError(
+            f"ckpt_path={ckpt_path!r}: no such file; give a checkpoint of this stage "
+            "(<run dir>/checkpoints/last.ckpt), ckpt_path=auto to resume from the run directory "
+            "if it has one, or ckpt_path=null to start fresh"
+        )
+    return ckpt_path

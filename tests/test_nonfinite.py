@@ -1,0 +1,66 @@
+"""Non-finite gradients on one rank of two (real gloo processes): both ranks take the same
+decision, skip and count the step, keep identical finite weights, never hang; too many in a row
+stop both ranks with a checkpoint and a clear error."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from conftest import LDM_TINY, ROOT, run_cli
+
+pytestmark = pytest.mark.slow
+
+
+def _run(tmp_path, vae_ckpt, data_dir, *extra: str):
+    run = tmp_path / "run"
+    out = run_cli(
+        *[o for o in LDM_TINY if not o.startswith("logger=")],
+        "logger=csv",
+        f"paths.data_dir={data_dir}",
+        f"vae_ckpt={vae_ckpt}",
+        f"hydra.run.dir={run}",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "trainer.strategy=ddp",
+        "+callbacks.fault._target_=fault_injection.NaNGradients",
+        "+callbacks.fault.rank=1",
+        *extra,
+        env={
+            "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])
+        },
+        timeout=300,  # a hang fails here instead of blocking the suite
+    )
+    reports = [json.loads((run / f"rank{r}.json").read_text()) for r in (0, 1)]
+    return out, run, reports
+
+
+def test_nan_on_one_rank_is_skipped_on_both(tmp_path, vae_ckpt, data_dir):
+    out, run, reports = _run(
+        tmp_path, vae_ckpt, data_dir, "trainer.max_steps=6", "+callbacks.fault.steps=[2,3]"
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert reports[0] == reports[1]  # same decisions, same weights on both ranks
+    assert reports[0]["skipped"] == 2 and reports[0]["finite_params"]
+    assert reports[0]["global_step"] == 6
+    assert "non-finite gradients on rank(s) [1] at step 2" in out.stdout + out.stderr
+
+
+def test_nan_every_step_stops_both_ranks_with_a_checkpoint(tmp_path, vae_ckpt, data_dir):
+    out, run, reports = _run(
+        tmp_path,
+        vae_ckpt,
+        data_dir,
+        "trainer.max_steps=20",
+        "+callbacks.fault.from_step=2",
+        "callbacks.nonfinite.max_consecutive=3",
+    )
+    assert out.returncode != 0
+    assert "3 optimizer steps in a row had non-finite gradients" in out.stderr
+    assert reports[0] == reports[1] and reports[0]["skipped"] == 3
+    saved = list((run / "checkpoints").glob("nonfinite-step*.ckpt"))
+    assert len(saved) == 1
+    state = torch.load(saved[0], weights_only=True)["state_dict"]
+    assert all(v.isfinite().all() for k, v in state.items() if v.is_floating_point())
