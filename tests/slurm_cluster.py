@@ -21,7 +21,7 @@ from pathlib import Path
 NODES = ("node1", "node2")
 CONTROLLER_PORT = 16817
 NODE_PORTS = (17001, 17002)
-BINARIES = ("slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "sacct", "munged")
+BINARIES = ("slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "munged", "munge", "unmunge")
 
 
 def unavailable_reason() -> str | None:
@@ -111,9 +111,13 @@ PartitionName=debug Nodes={",".join(NODES)} Default=YES MaxTime=INFINITE State=U
                 f.write(f"\n127.0.0.1 {' '.join(NODES)}\n")
 
     @staticmethod
-    def _ensure_munge() -> None:
-        if subprocess.run(["pgrep", "-x", "munged"], capture_output=True).returncode == 0:
+    def _munge_works() -> bool:
+        return subprocess.run("munge -n | unmunge", shell=True, capture_output=True).returncode == 0
+
+    def _ensure_munge(self) -> None:
+        if self._munge_works():
             return
+        subprocess.run(["pkill", "-x", "munged"], capture_output=True)  # a stale one, if any
         key = Path("/etc/munge/munge.key")
         if not key.exists():
             key.parent.mkdir(parents=True, exist_ok=True)
@@ -126,6 +130,11 @@ PartitionName=debug Nodes={",".join(NODES)} Default=YES MaxTime=INFINITE State=U
         subprocess.run(
             ["runuser", "-u", "munge", "--", _which("munged")], check=True, capture_output=True
         )
+        for _ in range(50):
+            if self._munge_works():
+                return
+            time.sleep(0.1)
+        raise RuntimeError("munged started but `munge -n | unmunge` fails")
 
     def start(self, timeout: float = 60) -> LocalSlurm:
         self._write_conf()
