@@ -168,25 +168,22 @@ def bench_steps(steps: int) -> list[tuple[str, float]]:
         cfg.pop("defaults", None)
         return cfg
 
+    def size(vae: str, unet: str, image: int, batch: int, width: int, heads: int, layers: int):
+        text = dict(
+            context_length=77,
+            vocab_size=49408,
+            width=width,
+            heads=heads,
+            layers=layers,
+            output_dim=width,
+        )
+        return dict(
+            vae=load("vae", vae), unet=load("unet", unet), image=image, batch=batch, text=text
+        )
+
     sizes = {
-        "tiny (64 px, batch 32)": dict(
-            vae=load("vae", "tiny"),
-            unet=load("unet", "tiny"),
-            image=64,
-            batch=32,
-            text=dict(
-                context_length=77, vocab_size=49408, width=64, heads=4, layers=3, output_dim=64
-            ),
-        ),
-        "sd15 (256 px, batch 1)": dict(
-            vae=load("vae", "sd"),
-            unet=load("unet", "sd15"),
-            image=256,
-            batch=1,
-            text=dict(
-                context_length=77, vocab_size=49408, width=768, heads=12, layers=12, output_dim=768
-            ),
-        ),
+        "tiny (64 px, batch 32)": size("tiny", "tiny", 64, 32, width=64, heads=4, layers=3),
+        "sd15 (256 px, batch 1)": size("sd", "sd15", 256, 1, width=768, heads=12, layers=12),
     }
     rows = []
     for name, spec in sizes.items():

@@ -45,6 +45,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 os.remove(tmp)
 
 
+def checkpoint_folder(trainer) -> str:
+    """Where the run's checkpoints go: the ModelCheckpoint's folder, else
+    ``<root>/checkpoints``."""
+    folder = getattr(trainer.checkpoint_callback, "dirpath", None)
+    return folder or os.path.join(trainer.default_root_dir, "checkpoints")
+
+
 def checkpoint_step(path: str) -> int | None:
     """The ``global_step`` a checkpoint file holds, or None when it cannot be read."""
     try:

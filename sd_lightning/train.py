@@ -71,7 +71,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     preemption = next((c for c in callbacks if isinstance(c, Preemption)), None)
     if preemption is not None and preemption.stopped:  # not finished: no export
         preemption.finish(trainer.is_global_zero)
-        return {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+        return _metrics(trainer)
 
     if trainer.is_global_zero:
         checkpoint = trainer.checkpoint_callback
@@ -82,6 +82,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
             log.info(
                 "exported weights: %s", export_weights(system, cfg.paths.output_dir, cfg.stage)
             )
+    return _metrics(trainer)
+
+
+def _metrics(trainer: L.Trainer) -> dict[str, float]:
     return {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
 
 

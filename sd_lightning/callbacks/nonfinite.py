@@ -18,6 +18,8 @@ import os
 import lightning as L
 import torch
 
+from sd_lightning.resume import checkpoint_folder
+
 log = logging.getLogger(__name__)
 
 
@@ -69,10 +71,9 @@ class NonFiniteGuard(L.Callback):
                 self.skipped,
             )
         if self.max_consecutive and self.consecutive >= self.max_consecutive:
-            folder = os.path.join(trainer.default_root_dir, "checkpoints")
-            callback = trainer.checkpoint_callback
-            folder = getattr(callback, "dirpath", None) or folder
-            path = os.path.join(folder, self.filename.format(step=trainer.global_step))
+            path = os.path.join(
+                checkpoint_folder(trainer), self.filename.format(step=trainer.global_step)
+            )
             trainer.save_checkpoint(path)  # the weights are those of the last good step
             raise NonFiniteTrainingError(
                 f"{self.consecutive} optimizer steps in a row had non-finite gradients (last on "

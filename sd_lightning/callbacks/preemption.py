@@ -1,7 +1,7 @@
 """Preemption: on SIGUSR1 (SLURM's warning before the time limit, ``--signal=SIGUSR1@90``),
-SIGUSR2 (the same from submitit, ``hydra/launcher=slurm``) or SIGTERM (preemption, ``scancel``, a container stopping), every rank agrees at the next step
-boundary, one checkpoint is written atomically, training stops cleanly and, inside a SLURM batch
-job, the job requeues itself. The requeued job runs in the same run directory and resumes from
+SIGUSR2 (the same from submitit, ``hydra/launcher=slurm``) or SIGTERM (preemption, ``scancel``,
+a container stopping), every rank agrees at the next step boundary, one checkpoint is written
+atomically, training stops cleanly and, inside a SLURM batch job, the job requeues itself. The requeued job runs in the same run directory and resumes from
 that checkpoint (``ckpt_path=auto``).
 
 The signal handler only sets a flag: saving inside a handler could interrupt a collective or an
@@ -22,6 +22,8 @@ from typing import Any
 
 import lightning as L
 import torch
+
+from sd_lightning.resume import checkpoint_folder
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +107,7 @@ class Preemption(L.Callback):
         local = torch.tensor(self.received is not None)
         if not trainer.strategy.reduce_boolean_decision(local, all=False):
             return
-        folder = self._folder(trainer)
+        folder = checkpoint_folder(trainer)
         path = os.path.join(folder, self.filename.format(step=trainer.global_step))
         trainer.save_checkpoint(path)  # every rank calls it; the strategy writes and waits
         if trainer.is_global_zero:
@@ -118,13 +120,6 @@ class Preemption(L.Callback):
         self.checkpoint_path, self.stopped = path, True
         trainer.should_stop = True
         trainer.limit_val_batches = 0  # Lightning would validate on stopping: no time for that
-
-    @staticmethod
-    def _folder(trainer: L.Trainer) -> str:
-        callback = trainer.checkpoint_callback
-        if callback is not None and getattr(callback, "dirpath", None):
-            return callback.dirpath
-        return os.path.join(trainer.default_root_dir, "checkpoints")
 
     def finish(self, is_global_zero: bool) -> None:
         """After ``fit`` (and the loggers) have finished: requeue the SLURM job if asked."""

@@ -91,6 +91,12 @@ class ImageSampleDecoder:
         return {"image": image, "caption": caption}
 
 
+def stream_key(*parts: object, offset: int = 0) -> str:
+    """The seed string of a random stream; ``offset`` > 0 (a restart mid-epoch after that many
+    batches) gives a stream of its own."""
+    return "-".join(map(str, parts)) + (f"-from{offset}" if offset else "")
+
+
 def resampled_shards(
     urls: list[str],
     seed: int,
@@ -104,9 +110,8 @@ def resampled_shards(
     """Shards drawn with replacement, seeded by (seed, epoch, rank, worker): a restarted run draws
     the same stream, and ranks and workers draw different ones. With ``weights``, a source (one
     ``::``-joined part of ``data.urls``) is drawn with those probabilities, then one of its shards
-    uniformly; without, every shard is equally likely. ``offset`` > 0 (a restart mid-epoch after
-    that many batches) gives a stream of its own."""
-    rng = random.Random(f"{seed}-{epoch}-{rank}-{worker}" + (f"-from{offset}" if offset else ""))
+    uniformly; without, every shard is equally likely. ``offset``: see :func:`stream_key`."""
+    rng = random.Random(stream_key(seed, epoch, rank, worker, offset=offset))
     while True:
         if weights:
             source = rng.choices(sources, weights=weights)[0]
@@ -134,8 +139,8 @@ def exact_shards(
     while True:
         order = list(mine)
         if cycle:  # training: a new order every epoch and pass; evaluation: the given order
-            key = f"exact-{seed}-{epoch}-{passes}-{rank}-{worker}"
-            random.Random(key + (f"-from{offset}" if offset else "")).shuffle(order)
+            key = stream_key(f"exact-{seed}", epoch, passes, rank, worker, offset=offset)
+            random.Random(key).shuffle(order)
         yield from ({"url": u} for u in order)
         passes += 1
         if not cycle or not mine:
@@ -196,8 +201,7 @@ class ShardPipeline(IterableDataset):
         self.epoch, self.offset = epoch, offset
 
     def _seed(self, kind: str, rank: int, worker: int) -> str:
-        base = f"{kind}{self.seed}-{self.epoch}-{rank}-{worker}"
-        return base + (f"-from{self.offset}" if self.offset else "")
+        return stream_key(f"{kind}{self.seed}", self.epoch, rank, worker, offset=self.offset)
 
     def _decode(
         self, counter: SkipCounter, samples: Iterator[dict], rng: random.Random
