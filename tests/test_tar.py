@@ -93,3 +93,22 @@ def test_pipe_urls_and_failing_commands(tmp_path):
     samples = list(shard_samples([f"pipe:cat {path}", f"pipe:cat {tmp_path}/nope.tar"], skipped))
     assert len(samples) == 4 and samples[0]["txt"] == FILES[1][1]
     assert skipped == {"tar": 1}  # cat's exit status is reported, not swallowed
+
+
+def test_a_pax_size_applies_to_the_member_not_to_a_long_name_header_between():
+    """pax ``size`` (used for files of 8 GiB and more) belongs to the next *file*; a GNU long-name
+    header in between keeps its own size."""
+    long_name = "d" * 120 + "/k.bin"
+    info = tarfile.TarInfo("short")
+    info.size = 0  # the real size comes from the pax record
+    data = b"abc"
+    raw = (
+        tarfile.TarInfo._create_pax_generic_header({"size": "3"}, tarfile.XHDTYPE, "utf-8")
+        + tarfile.TarInfo._create_gnu_long_header(
+            long_name, tarfile.GNUTYPE_LONGNAME, "utf-8", "strict"
+        )
+        + info.tobuf(tarfile.USTAR_FORMAT)
+        + data.ljust(512, b"\0")
+        + bytes(1024)
+    )
+    assert list(tar_members(io.BytesIO(raw))) == [(long_name, data)]

@@ -81,8 +81,9 @@ def tar_members(stream: BinaryIO) -> Iterator[tuple[str, bytes]]:
         stored = _number(header[148:156])
         if stored != sum(header[:148]) + 256 + sum(header[156:]):  # checksum field as spaces
             raise TarError("tar header checksum mismatch (corrupt or not a tar file)")
-        size = int(pending["size"]) if "size" in pending else _number(header[124:136])
         kind = header[156:157]
+        override = "size" in pending and kind in _REGULAR  # a pax size is the next member's
+        size = int(pending["size"]) if override else _number(header[124:136])
         data = _read_exact(stream, size) if size else b""
         if size % BLOCK:
             _read_exact(stream, BLOCK - size % BLOCK)
@@ -92,7 +93,7 @@ def tar_members(stream: BinaryIO) -> Iterator[tuple[str, bytes]]:
         if kind == b"L":  # GNU long name for the next member
             pending["path"] = data.rstrip(b"\0").decode("utf-8", "surrogateescape")
             continue
-        if kind == b"g" or kind not in _REGULAR:  # global header, directory, link, ...
+        if kind not in _REGULAR:  # global pax header, directory, link, ...
             pending.clear()
             continue
         name = pending.get("path")
