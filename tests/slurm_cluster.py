@@ -136,10 +136,35 @@ PartitionName=debug Nodes={",".join(NODES)} Default=YES MaxTime=INFINITE State=U
             time.sleep(0.1)
         raise RuntimeError("munged started but `munge -n | unmunge` fails")
 
+    @staticmethod
+    def _stop_stale_clusters() -> None:
+        """Daemons of an earlier test cluster (a crashed session) hold the ports: stop them."""
+        out = subprocess.run(
+            ["pgrep", "-a", "-f", "slurm(ctld|d) -f "], capture_output=True, text=True
+        ).stdout
+        for line in out.splitlines():
+            pid, *argv = line.split()
+            conf = Path(argv[argv.index("-f") + 1]) if "-f" in argv[:-1] else None
+            if conf is not None and (
+                not conf.exists() or "ClusterName=sdltest" in conf.read_text()
+            ):
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
     def start(self, timeout: float = 60) -> LocalSlurm:
+        self._stop_stale_clusters()
         self._write_conf()
         self._ensure_hosts()
         self._ensure_munge()
+        try:
+            return self._start_daemons(timeout)
+        except BaseException:
+            self.stop()  # never leave daemons behind on a failed start
+            raise
+
+    def _start_daemons(self, timeout: float) -> LocalSlurm:
         subprocess.run([_which("slurmctld"), "-f", str(self.conf), "-i"], check=True, env=self.env)
         for node in NODES:
             subprocess.run(
@@ -154,7 +179,12 @@ PartitionName=debug Nodes={",".join(NODES)} Default=YES MaxTime=INFINITE State=U
             time.sleep(1)
         raise RuntimeError(f"local SLURM did not come up in {timeout} s: {self.logs()}")
 
-    def stop(self) -> None:
+    def stop(self, drain_timeout: float = 20) -> None:
+        deadline = time.time() + drain_timeout  # let finishing jobs complete (their slurmstepd
+        while time.time() < deadline:  # would otherwise wait for a slurmd that is gone)
+            if not self.run("squeue", "-h", check=False).stdout.strip():
+                break
+            time.sleep(0.5)
         for pidfile in sorted(self.root.glob("*.pid")):
             try:
                 os.kill(int(pidfile.read_text().strip()), signal.SIGTERM)
