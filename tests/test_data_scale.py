@@ -144,3 +144,17 @@ def test_duplicate_samples_are_skipped_and_counted(tmp_path):
     captions = [c for b in batches for c in b["caption"]]
     assert captions == ["first a", "b", "c"]
     assert sum(b["skipped"]["duplicate"] for b in batches) == 2
+
+
+@pytest.mark.timeout(60)  # the old code skipped every sample of the second reading, forever
+def test_a_shard_drawn_twice_in_a_row_is_not_duplicates(tmp_path):
+    """Resampling draws shards with replacement: one shard read again right after itself gives
+    its samples again, none of them skipped as duplicates."""
+    shard = tmp_path / "one.tar"
+    _write_shard(shard, [{f"{k}.jpg": _jpeg("red"), f"{k}.txt": k.encode()} for k in "abcd"])
+    pipe = ShardPipeline(
+        [str(shard)], ImageTransform(16), batch_size=2, batches_per_worker=6, shuffle_buffer=0
+    )
+    batches = list(pipe)
+    assert [c for b in batches for c in b["caption"]] == list("abcd" * 3)
+    assert sum(b["skipped"]["duplicate"] for b in batches) == 0

@@ -206,14 +206,7 @@ class ShardPipeline(IterableDataset):
     def _decode(
         self, counter: SkipCounter, samples: Iterator[dict], rng: random.Random
     ) -> Iterator[dict]:
-        url, seen = None, set()
-        for sample in samples:
-            if sample.get("__url__") != url:  # keys are unique per shard
-                url, seen = sample.get("__url__"), set()
-            if sample["__key__"] in seen:
-                counter.counts["duplicate"] += 1
-                continue
-            seen.add(sample["__key__"])
+        for sample in samples:  # a key repeated within a shard was dropped (and counted) there
             try:
                 out = self.decoder(sample, rng)
             except Skip as skip:

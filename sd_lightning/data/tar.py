@@ -120,7 +120,9 @@ def _close(stream: BinaryIO, url: str, skipped: Counter, counted: bool) -> None:
 def shard_samples(urls: Iterable[dict | str], skipped: Counter) -> Iterator[dict]:
     """Samples (``{"__key__", "__url__", ext: bytes, ...}``) of each shard in ``urls`` in turn.
 
-    ``urls`` yields URLs or ``{"url": ...}`` dicts (shard samplers yield the latter).
+    ``urls`` yields URLs or ``{"url": ...}`` dicts (shard samplers yield the latter; the same
+    shard may come twice in a row). A key seen before in the same reading of a shard is skipped
+    and counted (``duplicate``), as is a file repeated within a sample.
     """
     from webdataset.gopen import gopen
 
@@ -134,6 +136,15 @@ def shard_samples(urls: Iterable[dict | str], skipped: Counter) -> Iterator[dict
             continue
         sample: dict | None = None
         failed = False
+        seen: set[str] = set()
+
+        def fresh(sample: dict) -> bool:
+            if sample["__key__"] in seen:
+                skipped["duplicate"] += 1
+                return False
+            seen.add(sample["__key__"])
+            return True
+
         try:
             for name, data in tar_members(stream):
                 base = name.rsplit("/", 1)[-1]
@@ -144,7 +155,7 @@ def shard_samples(urls: Iterable[dict | str], skipped: Counter) -> Iterator[dict
                     continue
                 key, ext = match.group(1), match.group(2).lower()
                 if sample is None or key != sample["__key__"]:
-                    if sample is not None:
+                    if sample is not None and fresh(sample):
                         yield sample
                     sample = {"__key__": key, "__url__": url}
                 if ext in sample:
@@ -152,7 +163,7 @@ def shard_samples(urls: Iterable[dict | str], skipped: Counter) -> Iterator[dict
                     log.warning("skipping a repeated file %s in %s", name, url)
                     continue
                 sample[ext] = data
-            if sample is not None:
+            if sample is not None and fresh(sample):
                 yield sample
         except (TarError, OSError) as exn:
             failed = True
