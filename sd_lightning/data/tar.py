@@ -117,6 +117,15 @@ def _close(stream: BinaryIO, url: str, skipped: Counter, counted: bool) -> None:
             log.warning("skipping the rest of shard %s: %r", url, exn)
 
 
+def _fresh(sample: dict, seen: set[str], skipped: Counter) -> bool:
+    """First time this key comes in this reading of a shard (else counted as a duplicate)."""
+    if sample["__key__"] in seen:
+        skipped["duplicate"] += 1
+        return False
+    seen.add(sample["__key__"])
+    return True
+
+
 def shard_samples(urls: Iterable[dict | str], skipped: Counter) -> Iterator[dict]:
     """Samples (``{"__key__", "__url__", ext: bytes, ...}``) of each shard in ``urls`` in turn.
 
@@ -136,15 +145,7 @@ def shard_samples(urls: Iterable[dict | str], skipped: Counter) -> Iterator[dict
             continue
         sample: dict | None = None
         failed = False
-        seen: set[str] = set()
-
-        def fresh(sample: dict) -> bool:
-            if sample["__key__"] in seen:
-                skipped["duplicate"] += 1
-                return False
-            seen.add(sample["__key__"])
-            return True
-
+        seen: set[str] = set()  # keys of this reading of the shard
         try:
             for name, data in tar_members(stream):
                 base = name.rsplit("/", 1)[-1]
@@ -155,7 +156,7 @@ def shard_samples(urls: Iterable[dict | str], skipped: Counter) -> Iterator[dict
                     continue
                 key, ext = match.group(1), match.group(2).lower()
                 if sample is None or key != sample["__key__"]:
-                    if sample is not None and fresh(sample):
+                    if sample is not None and _fresh(sample, seen, skipped):
                         yield sample
                     sample = {"__key__": key, "__url__": url}
                 if ext in sample:
@@ -163,7 +164,7 @@ def shard_samples(urls: Iterable[dict | str], skipped: Counter) -> Iterator[dict
                     log.warning("skipping a repeated file %s in %s", name, url)
                     continue
                 sample[ext] = data
-            if sample is not None and fresh(sample):
+            if sample is not None and _fresh(sample, seen, skipped):
                 yield sample
         except (TarError, OSError) as exn:
             failed = True
