@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from typing import Any
 
 import torch
@@ -23,12 +24,44 @@ VAE_HINT = "the checkpoints/last.ckpt (or export/vae.safetensors) of a stage=vae
 
 def read_checkpoint(path: str, stage: str, key: str, hint: str) -> dict[str, Any]:
     """``torch.load`` a Lightning checkpoint of ``stage`` (``key`` names the config option that
-    gave ``path``, for the error messages)."""
-    if not path or not os.path.isfile(path):
+    gave ``path``, for the error messages); a sharded one (a folder, ``trainer=fsdp``) is
+    gathered into one process, weights only (no optimizer state)."""
+    if not path or not os.path.exists(path):
         raise FileNotFoundError(f"{key}={path!r}: no such file; give {hint}")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    if os.path.isdir(path):
+        checkpoint = read_sharded_checkpoint(path)
+    else:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     check_stage(checkpoint, stage, f"{key}={path!r} is a checkpoint", f"give {hint}")
     return checkpoint
+
+
+def read_sharded_checkpoint(path: str) -> dict[str, Any]:
+    """The ``state_dict`` of a folder of ``torch.distributed.checkpoint`` shards, whole, plus the
+    ``meta.pt`` Lightning writes beside them (step, callbacks, ``sd_lightning``)."""
+    # what Lightning's own consolidation uses: a load planner that builds the dict from the index
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    from sd_lightning.resume import SHARDED_META
+
+    meta = os.path.join(path, SHARDED_META)
+    if not os.path.isfile(meta) or not os.path.isfile(os.path.join(path, ".metadata")):
+        raise ValueError(
+            f"{path!r} is a folder but not a complete sharded checkpoint (no .metadata or "
+            f"{SHARDED_META}); give a checkpoint another run finished writing"
+        )
+    state: dict[str, Any] = {}
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": yes
+        warnings.filterwarnings("ignore", message=".*load in a single process")
+        _load_state_dict(
+            state,
+            storage_reader=FileSystemReader(path),
+            planner=_EmptyStateDictLoadPlanner(keys={"state_dict"}),  # not the optimizer's
+            no_dist=True,
+        )
+    return {**torch.load(meta, map_location="cpu", weights_only=True), **state}
 
 
 def check_stage(checkpoint: Any, stage: str, what: str, fix: str) -> None:

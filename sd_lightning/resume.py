@@ -2,7 +2,8 @@
 complete checkpoint of a run directory.
 
 ``ckpt_path=auto`` (the default) looks in ``<run dir>/checkpoints`` for every ``*.ckpt`` (the
-preemption checkpoint, ``last.ckpt``, the periodic ones), opens each with
+preemption checkpoint, ``last.ckpt``, the periodic ones; files, or folders of shards under
+``trainer=fsdp``), opens each with
 ``torch.load(weights_only=True, mmap=True)`` (which reads the index, not the weights) and resumes
 from the one with the highest step; a file that does not open (torn by a crash on a file system
 without atomic rename, or foreign) is skipped with a warning. A fresh run directory has none and
@@ -20,6 +21,7 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 log = logging.getLogger(__name__)
+SHARDED_META = "meta.pt"  # what Lightning calls the non-tensor part of a sharded checkpoint
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -53,8 +55,14 @@ def checkpoint_folder(trainer) -> str:
 
 
 def checkpoint_step(path: str) -> int | None:
-    """The ``global_step`` a checkpoint file holds, or None when it cannot be read."""
+    """The ``global_step`` a checkpoint holds, or None when it cannot be read. A sharded checkpoint
+    (a folder, ``trainer=fsdp``) is complete when it has the shards' index (``.metadata``, written
+    after every shard) and Lightning's ``meta.pt`` (written last)."""
     try:
+        if os.path.isdir(path):
+            if not os.path.isfile(os.path.join(path, ".metadata")):
+                raise FileNotFoundError("a sharded checkpoint without its .metadata index")
+            path = os.path.join(path, SHARDED_META)
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         return int(checkpoint["global_step"])
     except Exception as exn:  # noqa: BLE001 - any unreadable file is skipped, not fatal
@@ -69,7 +77,7 @@ def newest_checkpoint(folder: str) -> str | None:
     best: tuple[int, float, str] | None = None
     for name in os.listdir(folder):
         path = os.path.join(folder, name)
-        if not name.endswith(".ckpt") or name.startswith(".") or not os.path.isfile(path):
+        if not name.endswith(".ckpt") or name.startswith("."):  # .tmp files and folders
             continue
         step = checkpoint_step(path)
         if step is not None:
@@ -78,20 +86,33 @@ def newest_checkpoint(folder: str) -> str | None:
     return best[2] if best else None
 
 
-def resolve_ckpt_path(ckpt_path: str | None, checkpoint_dir: str) -> str | None:
+def resolve_ckpt_path(
+    ckpt_path: str | None, checkpoint_dir: str, sharded: bool = False
+) -> str | None:
     """``auto``: the newest complete checkpoint in ``checkpoint_dir`` (None when there is none);
-    ``null``: start fresh; anything else: that file, which must exist."""
+    ``null``: start fresh; anything else: that file, which must exist. ``sharded``: the run uses
+    ``trainer=fsdp``; only then can it resume from a folder of shards."""
     if ckpt_path is None:
         return None
     if str(ckpt_path) == "auto":
         found = newest_checkpoint(checkpoint_dir)
         if found:
             log.info("resume: continuing from %s (the newest complete checkpoint)", found)
-        return found
-    if not os.path.isfile(ckpt_path):
+        return _check_sharding(found, sharded)
+    if not os.path.exists(ckpt_path):
         raise FileNotFoundError(
             f"ckpt_path={ckpt_path!r}: no such file; give a checkpoint of this stage "
             "(<run dir>/checkpoints/last.ckpt), ckpt_path=auto to resume from the run directory "
             "if it has one, or ckpt_path=null to start fresh"
         )
-    return ckpt_path
+    return _check_sharding(ckpt_path, sharded)
+
+
+def _check_sharding(path: str | None, sharded: bool) -> str | None:
+    if path and os.path.isdir(path) and not sharded:
+        raise ValueError(
+            f"ckpt_path={path!r} is a sharded checkpoint (a folder written by trainer=fsdp): "
+            "resume it with trainer=fsdp, or start this run in another run directory "
+            f"(hydra.run.dir=...); stage=sample ckpt={path} reads its weights"
+        )
+    return path

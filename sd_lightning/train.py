@@ -15,6 +15,7 @@ import lightning as L
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.strategies import ModelParallelStrategy
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
 
@@ -60,8 +61,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     for logger in loggers:
         logger.log_hyperparams(system.run_config)
 
+    sharded = isinstance(trainer.strategy, ModelParallelStrategy)  # trainer=fsdp
     ckpt_path = resolve_ckpt_path(
-        cfg.get("ckpt_path"), os.path.join(cfg.paths.output_dir, "checkpoints")
+        cfg.get("ckpt_path"), os.path.join(cfg.paths.output_dir, "checkpoints"), sharded
     )
     try:
         trainer.fit(system, datamodule=datamodule, ckpt_path=ckpt_path)
@@ -73,15 +75,15 @@ def train(cfg: DictConfig) -> dict[str, float]:
         preemption.finish(trainer.is_global_zero)
         return _metrics(trainer)
 
-    if trainer.is_global_zero:
-        checkpoint = trainer.checkpoint_callback
-        if checkpoint is not None:
-            last = checkpoint.last_model_path or "-"
-            log.info("checkpoints in %s (last: %s)", checkpoint.dirpath, last)
-        if hasattr(system, "export_weights"):
-            log.info(
-                "exported weights: %s", export_weights(system, cfg.paths.output_dir, cfg.stage)
-            )
+    checkpoint = trainer.checkpoint_callback
+    if trainer.is_global_zero and checkpoint is not None:
+        last = checkpoint.last_model_path or "-"
+        log.info("checkpoints in %s (last: %s)", checkpoint.dirpath, last)
+    # rank 0 writes; under FSDP every rank takes part in gathering the shards
+    if hasattr(system, "export_weights") and (trainer.is_global_zero or sharded):
+        path = export_weights(system, cfg.paths.output_dir, cfg.stage, trainer.is_global_zero)
+        if path:
+            log.info("exported weights: %s", path)
     return _metrics(trainer)
 
 
@@ -95,10 +97,14 @@ def _finish_wandb(loggers: list[Any]) -> None:
             logger.experiment.finish()
 
 
-def export_weights(system: L.LightningModule, output_dir: str, stage: str) -> str:
-    """Write ``system.export_weights()`` to ``<output_dir>/export/<stage>.safetensors``; the
-    metadata holds the JSON config that rebuilds the network."""
+def export_weights(
+    system: L.LightningModule, output_dir: str, stage: str, write: bool = True
+) -> str | None:
+    """Write ``system.export_weights()`` to ``<output_dir>/export/<stage>.safetensors`` (where
+    ``write``: rank 0); the metadata holds the JSON config that rebuilds the network."""
     state, meta = system.export_weights()
+    if not write:
+        return None
     path = os.path.join(output_dir, "export", f"{stage}.safetensors")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     save_file(state, path, metadata={k: json.dumps(v) for k, v in meta.items()})

@@ -61,6 +61,21 @@ LDM_TINY = [
 ]
 
 
+def read_metrics(run_dir: Path) -> list[dict[str, str]]:
+    """The rows of ``logger=csv`` in a run directory, over every (re)start of the run in order
+    (``csv/version_N/metrics.csv``)."""
+    import csv
+
+    files = sorted(
+        (run_dir / "csv").glob("version_*/metrics.csv"), key=lambda p: int(p.parent.name[8:])
+    )
+    rows: list[dict[str, str]] = []
+    for path in files:
+        with open(path) as f:
+            rows += list(csv.DictReader(f))
+    return rows
+
+
 def compose_config(overrides: list[str], output_dir: Path, data_dir: Path) -> DictConfig:
     """The real conf/ composed as ``python -m sd_lightning`` would, with ``${hydra:...}`` resolvable."""
     GlobalHydra.instance().clear()
@@ -121,6 +136,27 @@ def run_cli(
         capture_output=True,
         text=True,
         timeout=timeout,
+    )
+
+
+def run_ldm_two_ranks(run: Path, data_dir, vae_ckpt, *overrides: str, trainer: str = "debug"):
+    """Stage 2 at tiny sizes from the CLI on two CPU processes (gloo) with ``trainer=<trainer>``
+    and ``logger=csv`` into ``run``; ``tests/`` is importable (``fault_injection`` callbacks).
+    A rank left waiting fails on the timeout instead of blocking the suite."""
+    return run_cli(
+        *[o for o in LDM_TINY if not o.startswith(("logger=", "trainer="))],
+        f"trainer={trainer}",
+        "logger=csv",
+        f"paths.data_dir={data_dir}",
+        f"vae_ckpt={vae_ckpt}",
+        f"hydra.run.dir={run}",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        *overrides,
+        env={
+            "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])
+        },
+        timeout=300,
     )
 
 

@@ -37,9 +37,11 @@ class NaNGradients(L.Callback):
     @staticmethod
     def _report(trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         from sd_lightning.callbacks import NonFiniteGuard
+        from sd_lightning.models.parallel import full_state_dict
 
         guard = next(c for c in trainer.callbacks if isinstance(c, NonFiniteGuard))
-        params = torch.cat([p.detach().flatten() for p in pl_module.unet.parameters()])
+        # the whole weights (gathered from the shards under trainer=fsdp: every rank gets here)
+        params = torch.cat([v.flatten() for v in full_state_dict(pl_module.unet).values()])
         report = {
             "global_step": trainer.global_step,
             "skipped": guard.skipped,
@@ -49,3 +51,17 @@ class NaNGradients(L.Callback):
         path = os.path.join(trainer.default_root_dir, f"rank{trainer.global_rank}.json")
         with open(path, "w") as f:
             json.dump(report, f)
+
+
+class SignalAt(L.Callback):
+    """Sends ``signal`` to this process on rank ``rank`` as the batch of ``step`` starts, as a
+    scheduler would (``scancel --signal=USR1``) but to one rank only."""
+
+    def __init__(self, step: int, rank: int = 0, signal: str = "SIGUSR1"):
+        self.step, self.rank, self.signal = step, rank, signal
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args) -> None:
+        import signal
+
+        if trainer.global_step == self.step and trainer.global_rank == self.rank:
+            os.kill(os.getpid(), signal.Signals[self.signal])

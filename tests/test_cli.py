@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import io
 import json
 import tarfile
@@ -10,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, run_cli
+from conftest import TINY, read_metrics, run_cli
 from hydra.utils import instantiate
 from safetensors import safe_open
 
@@ -39,8 +38,7 @@ def _shards_with_a_corrupt_sample(folder: Path) -> str:
 
 
 def _metrics(run_dir: Path) -> list[dict[str, str]]:
-    with open(run_dir / "csv" / "metrics.csv") as f:
-        return list(csv.DictReader(f))
+    return read_metrics(run_dir)
 
 
 def _last_value(rows, key):

@@ -122,3 +122,29 @@ def test_resume_continues_steps_ema_and_keeps_the_latent_scale(ldm_cfg_factory, 
     scale = first["state_dict"]["latent_scale"]
     assert torch.equal(second["state_dict"]["latent_scale"], scale)  # not estimated again
     assert second["sd_lightning"]["skipped"] == first["sd_lightning"]["skipped"]
+
+
+@pytest.mark.slow
+def test_compile_option_trains_like_eager_and_keeps_checkpoint_names(ldm_cfg_factory, tmp_path):
+    """model.compile=true: the U-Net's layers run compiled (Inductor on the CPU here), the loss
+    of each step is the eager one, and checkpoint keys keep the single-file names."""
+    from torch._dynamo.utils import counters
+
+    results, graphs = {}, {}
+    for compiled in (False, True):
+        run = tmp_path / f"compile-{compiled}"
+        cfg = ldm_cfg_factory("trainer.max_steps=3", f"model.compile={compiled}")
+        cfg.paths.output_dir = str(run)
+        torch._dynamo.reset()
+        counters.clear()
+        try:
+            train(cfg)
+            graphs[compiled] = counters["stats"]["unique_graphs"]
+        finally:
+            torch._dynamo.reset()
+        state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+        results[compiled] = state
+    assert graphs[False] == 0 and graphs[True] >= 4  # ResNet blocks, transformers, down/up
+    assert results[True].keys() == results[False].keys()  # no _orig_mod in any name
+    for key, value in results[False].items():
+        torch.testing.assert_close(results[True][key], value, rtol=1e-4, atol=1e-5, msg=key)

@@ -5,41 +5,39 @@ stop both ranks with a checkpoint and a clear error."""
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
-from conftest import LDM_TINY, ROOT, run_cli
+from conftest import run_ldm_two_ranks
 
 pytestmark = pytest.mark.slow
+FSDP = "{_target_:sd_lightning.strategy.FSDP2Strategy}"  # trainer=fsdp's strategy, here on trainer=debug
 
 
 def _run(tmp_path, vae_ckpt, data_dir, *extra: str):
     run = tmp_path / "run"
-    out = run_cli(
-        *[o for o in LDM_TINY if not o.startswith("logger=")],
-        "logger=csv",
-        f"paths.data_dir={data_dir}",
-        f"vae_ckpt={vae_ckpt}",
-        f"hydra.run.dir={run}",
-        "trainer.accelerator=cpu",
-        "trainer.devices=2",
-        "trainer.strategy=ddp",
+    out = run_ldm_two_ranks(  # trainer=debug, its strategy set by each test
+        run,
+        data_dir,
+        vae_ckpt,
         "+callbacks.fault._target_=fault_injection.NaNGradients",
         "+callbacks.fault.rank=1",
         *extra,
-        env={
-            "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])
-        },
-        timeout=300,  # a hang fails here instead of blocking the suite
     )
     reports = [json.loads((run / f"rank{r}.json").read_text()) for r in (0, 1)]
     return out, run, reports
 
 
-def test_nan_on_one_rank_is_skipped_on_both(tmp_path, vae_ckpt, data_dir):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_nan_on_one_rank_is_skipped_on_both(tmp_path, vae_ckpt, data_dir, strategy):
     out, run, reports = _run(
-        tmp_path, vae_ckpt, data_dir, "trainer.max_steps=6", "+callbacks.fault.steps=[2,3]"
+        tmp_path,
+        vae_ckpt,
+        data_dir,
+        "trainer.max_steps=6",
+        "+callbacks.fault.steps=[2,3]",
+        # fsdp: the NaN lands in rank 1's shard of the reduced gradient, which rank 0 never sees
+        f"trainer.strategy={'ddp' if strategy == 'ddp' else FSDP}",
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert reports[0] == reports[1]  # same decisions, same weights on both ranks
@@ -56,6 +54,7 @@ def test_nan_every_step_stops_both_ranks_with_a_checkpoint(tmp_path, vae_ckpt, d
         "trainer.max_steps=20",
         "+callbacks.fault.from_step=2",
         "callbacks.nonfinite.max_consecutive=3",
+        "trainer.strategy=ddp",
     )
     assert out.returncode != 0
     assert "3 optimizer steps in a row had non-finite gradients" in out.stderr

@@ -5,6 +5,7 @@ submitit launcher. ``pytest -k "slurm or preempt or requeue"`` selects these."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -29,12 +30,15 @@ def slurm(tmp_path_factory):
     cluster.stop()
 
 
-def _cpu_overrides(data_dir: Path, vae_ckpt: Path) -> list[str]:
+STRATEGIES = {"ddp": "ddp", "fsdp": "{_target_:sd_lightning.strategy.FSDP2Strategy}"}
+
+
+def _cpu_overrides(data_dir: Path, vae_ckpt: Path, strategy: str = "ddp") -> list[str]:
     return [
         *LDM_TINY,
         "trainer.accelerator=cpu",
         "trainer.precision=32-true",
-        "trainer.strategy=ddp",
+        f"trainer.strategy={STRATEGIES[strategy]}",
         "trainer.num_sanity_val_steps=0",
         "trainer.limit_val_batches=1",
         "data.demo.root=" + str(data_dir),
@@ -62,17 +66,21 @@ def _output(run_root: Path, job: str) -> str:
     return "\n".join(p.read_text() for p in run_root.glob(f"*-{job}.out"))
 
 
-def test_slurm_ldm_two_nodes_ddp(slurm, tmp_path, data_dir, vae_ckpt):
-    job = _submit(
-        slurm, tmp_path, "ldm.sbatch", *_cpu_overrides(data_dir, vae_ckpt), "trainer.max_steps=3"
-    )
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_slurm_ldm_two_nodes(slurm, tmp_path, data_dir, vae_ckpt, strategy):
+    overrides = _cpu_overrides(data_dir, vae_ckpt, strategy)
+    job = _submit(slurm, tmp_path, "ldm.sbatch", *overrides, "trainer.max_steps=3")
     state = slurm.wait(job, timeout=400)
     out = _output(tmp_path, job)
     assert state == "COMPLETED", out + slurm.logs()
     run_dir = tmp_path / f"sd-ldm-{job}"
     assert "2 nodes x 1 tasks" in out
     assert "GLOBAL_RANK: 1, MEMBER: 2/2" in out and "Starting with 2 processes" in out
-    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if strategy == "fsdp":  # a folder: one shard from each node
+        assert {"__0_0.distcp", "__1_0.distcp", "meta.pt"} <= set(os.listdir(last))
+        last = last / "meta.pt"
+    checkpoint = torch.load(last, weights_only=True)
     assert checkpoint["global_step"] == 3 and checkpoint["sd_lightning"]["stage"] == "ldm"
 
 

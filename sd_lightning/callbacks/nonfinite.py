@@ -18,6 +18,7 @@ import os
 import lightning as L
 import torch
 
+from sd_lightning.models.parallel import local
 from sd_lightning.resume import checkpoint_folder
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,10 @@ class NonFiniteGuard(L.Callback):
 
     @staticmethod
     def _finite(optimizer: torch.optim.Optimizer) -> torch.Tensor:
-        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        # sharded parameters (FSDP): this rank's shard; the all-gather below covers the rest
+        grads = [
+            local(p.grad) for g in optimizer.param_groups for p in g["params"] if p.grad is not None
+        ]
         if not grads:
             return torch.tensor(True)
         norms = torch._foreach_norm(grads)

@@ -112,12 +112,15 @@ class Preemption(L.Callback):
         trainer.save_checkpoint(path)  # every rank calls it; the strategy writes and waits
         if trainer.is_global_zero:
             for old in Path(folder).glob(self.filename.split("{")[0] + "*.ckpt"):
-                if str(old) != path:
-                    old.unlink(missing_ok=True)
+                if str(old) != path:  # a file, or a folder of shards (trainer=fsdp)
+                    trainer.strategy.remove_checkpoint(old)
             log.warning(
                 "preemption: checkpoint at step %d written to %s", trainer.global_step, path
             )
         self.checkpoint_path, self.stopped = path, True
+        for callback in trainer.checkpoint_callbacks:  # no second save_last at the end of fit:
+            if hasattr(callback, "_last_checkpoint_saved"):  # the grace period is for one write
+                callback._last_checkpoint_saved = callback._last_checkpoint_saved or path
         trainer.should_stop = True
         trainer.limit_val_batches = 0  # Lightning would validate on stopping: no time for that
 

@@ -2,7 +2,8 @@
 
 The average is a frozen copy of the network (``ema.net``), registered as a submodule so that it
 is saved in checkpoints and moves with ``.to()``, but with ``requires_grad=False``: optimizers and
-DDP ignore it. Buffers (none in the U-Net) are copied, not averaged.
+DDP ignore it. Buffers (none in the U-Net) are copied, not averaged. Under FSDP the copy is
+sharded like the network (``fully_shard_unet`` on both), and each rank averages its own shard.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import copy
 
 import torch
 from torch import nn
+
+from sd_lightning.models.parallel import local
 
 
 class EMA(nn.Module):
@@ -38,11 +41,12 @@ class EMA(nn.Module):
     @torch.no_grad()
     def update(self, net: nn.Module) -> None:
         decay = self.current_decay()
-        ema_params = [p for p in self.net.parameters()]
-        params = [p.detach().to(e.dtype) for p, e in zip(net.parameters(), ema_params)]
+        # sharded (FSDP2): both copies are sharded alike, so each rank averages its own shard
+        ema_params = [local(p) for p in self.net.parameters()]
+        params = [local(p.detach()).to(e.dtype) for p, e in zip(net.parameters(), ema_params)]
         torch._foreach_lerp_(ema_params, params, 1.0 - decay)
         for b_ema, b in zip(self.net.buffers(), net.buffers()):
-            b_ema.copy_(b)
+            local(b_ema).copy_(local(b))
         self.num_updates += 1
 
     def train(self, mode: bool = True) -> EMA:

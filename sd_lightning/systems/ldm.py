@@ -8,6 +8,8 @@ the U-Net is updated after every optimizer step and used for validation and samp
 What is trained, saved and sharded: only ``unet`` (and its EMA copy, saved, never optimized).
 The VAE is a frozen submodule (its weights ride along in checkpoints, so a stage-2 checkpoint
 samples on its own); the text encoder sits outside ``state_dict`` (it comes from its own weights).
+Under ``trainer=fsdp``, ``configure_model`` shards the U-Net and its EMA copy block by block;
+``compile=true`` compiles the U-Net's layers (either way the parameter names stay the same).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from sd_lightning.diffusion.training import min_snr_weight, offset_noise
 from sd_lightning.models.autoencoder import AutoencoderKL, DiagonalGaussian
 from sd_lightning.models.ema import EMA
 from sd_lightning.models.frozen import Frozen
+from sd_lightning.models.parallel import compile_unet, full_state_dict, fully_shard_unet, is_sharded
 from sd_lightning.models.unet import UNetModel
 from sd_lightning.systems.images import log_image, to_uint8
 from sd_lightning.systems.rng import StepSeededMixin
@@ -89,6 +92,8 @@ class LatentDiffusionSystem(StepSeededMixin, SkippedSamplesMixin):
         offset_noise: strength of the per-channel offset added to the noise (0: off).
         val_prompts / val_seed / val_sampler: the fixed prompts and seeds of the validation grid
             and how it is sampled (``sampler``, ``steps``, ``guidance``, ``spacing``).
+        compile: ``torch.compile`` the U-Net (and its EMA copy) layer by layer.
+        compile_options: keyword arguments of ``torch.compile`` (``mode``, ``dynamic``...).
     """
 
     def __init__(
@@ -110,6 +115,8 @@ class LatentDiffusionSystem(StepSeededMixin, SkippedSamplesMixin):
         val_seed: int = 0,
         val_sampler: dict[str, Any] | None = None,
         seed: int = 0,
+        compile: bool = False,
+        compile_options: dict[str, Any] | None = None,
     ):
         super().__init__()
         if prediction not in ("epsilon", "v_prediction"):
@@ -141,6 +148,7 @@ class LatentDiffusionSystem(StepSeededMixin, SkippedSamplesMixin):
                 "schedule",
                 "val_prompts",
                 "val_sampler",
+                "compile_options",
             ]
         )
         self.unet = unet
@@ -160,7 +168,21 @@ class LatentDiffusionSystem(StepSeededMixin, SkippedSamplesMixin):
         self.register_buffer("latent_scale", torch.tensor(scale))
         self.init_skipped()
         self.seed = seed
+        self.compile, self.compile_options = compile, _plain(compile_options or {})
         self.run_config: dict[str, Any] | None = None
+
+    # -- sharding and compiling (called by Lightning before the optimizers are made) ---------------
+    def configure_model(self) -> None:
+        if self.compile and not getattr(self, "_compiled", False):  # the EMA copy samples eagerly
+            compile_unet(self.unet, **self.compile_options)
+            self._compiled = True
+        nets = [self.unet] + ([self.ema.net] if self.ema is not None else [])
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        mesh = getattr(strategy, "shard_mesh", None) if strategy is not None else None
+        if mesh is None or is_sharded(self.unet):  # not FSDP, or done already (validate after fit)
+            return
+        for net in nets:  # the EMA copy is sharded alike, so its update is per shard
+            fully_shard_unet(net, mesh, strategy.mp_policy, strategy.reshard_after_forward)
 
     # -- frozen parts stay frozen ------------------------------------------------------------------
     def train(self, mode: bool = True) -> LatentDiffusionSystem:
@@ -186,9 +208,10 @@ class LatentDiffusionSystem(StepSeededMixin, SkippedSamplesMixin):
         self.restore_skipped(checkpoint)
 
     def export_weights(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """The U-Net's weights (EMA if kept; original SD names) and the config that builds it."""
+        """The U-Net's weights (EMA if kept; original SD names) and the config that builds it.
+        When sharded, every rank must call it (the shards are gathered)."""
         net = self.ema.net if self.ema is not None else self.unet
-        state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+        state = full_state_dict(net)
         return state, {
             "stage": STAGE,
             "model": "unet",
@@ -312,9 +335,14 @@ class LatentDiffusionSystem(StepSeededMixin, SkippedSamplesMixin):
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=bs)
 
     def on_validation_epoch_end(self) -> None:
-        if not self.val_prompts or self.trainer.sanity_checking or not self.trainer.is_global_zero:
+        if not self.val_prompts or self.trainer.sanity_checking:
+            return
+        # a sharded U-Net gathers its weights in every forward: every rank samples, rank 0 logs
+        if not (self.trainer.is_global_zero or is_sharded(self.unet)):
             return
         images = self.sample_images(self.val_prompts, **self.val_sampler)
+        if not self.trainer.is_global_zero:
+            return
         grid = sample_grid(images)
         caption = " | ".join(self.val_prompts)
         path = log_image(self.trainer, "val/samples", grid, caption=caption)
