@@ -8,6 +8,7 @@ import uuid
 
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import OmegaConf
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,11 @@ def wandb_logger(save_dir: str, offline: bool | None = None, **kwargs) -> WandbL
             save_dir,
         )
     os.environ.setdefault("WANDB_SILENT", "true")
-    kwargs.setdefault("settings", {"init_timeout": 90})  # bound a stalled network
+    # wandb ignores settings given as a DictConfig (as Hydra passes them): a plain dict
+    settings = kwargs.get("settings") or {}
+    if OmegaConf.is_config(settings):
+        settings = OmegaConf.to_container(settings, resolve=True)
+    kwargs["settings"] = {"init_timeout": 90, **settings}  # bound a stalled network
     if kwargs.get("id") is None:  # a requeued or resumed job continues the same wandb run
         kwargs["id"] = run_id(save_dir)
         kwargs.setdefault("resume", "allow")

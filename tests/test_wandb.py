@@ -47,7 +47,7 @@ def test_unreachable_server_falls_back_to_offline(tmp_path):
     out = run_cli(
         *[o for o in TINY if not o.startswith("logger=")],
         "logger=wandb",
-        "+logger.wandb.settings.init_timeout=15",
+        "logger.wandb.settings.init_timeout=15",
         "trainer.max_steps=2",
         f"paths.data_dir={tmp_path / 'data'}",
         f"hydra.run.dir={run}",
@@ -68,3 +68,17 @@ def test_run_directory_keeps_its_wandb_run_id(tmp_path):
     assert (tmp_path / "wandb" / "run_id").read_text().strip() == first
     assert run_id(str(tmp_path)) == first
     assert run_id(str(tmp_path / "other")) != first
+
+
+def test_settings_from_the_config_reach_wandb_as_a_plain_dict(tmp_path, no_wandb_env):
+    """Hydra passes ``logger.wandb.settings`` as a DictConfig, which wandb.init ignores (so
+    ``init_timeout`` stayed at 90 s); the factory hands wandb a dict, our default included."""
+    from omegaconf import OmegaConf
+
+    from sd_lightning.loggers import wandb_logger
+
+    given = OmegaConf.create({"init_timeout": 15, "console": "off"})
+    settings = wandb_logger(str(tmp_path), offline=True, settings=given)._wandb_init["settings"]
+    assert type(settings) is dict and settings == {"init_timeout": 15, "console": "off"}
+    default = wandb_logger(str(tmp_path), offline=True)._wandb_init["settings"]
+    assert default == {"init_timeout": 90}
