@@ -24,7 +24,6 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from sd_lightning.checkpoints import check_stage
 from sd_lightning.diffusion import schedules
 from sd_lightning.diffusion.guidance import generate
 from sd_lightning.diffusion.prediction import add_noise, v_target
@@ -36,7 +35,7 @@ from sd_lightning.models.parallel import compile_unet, full_state_dict, fully_sh
 from sd_lightning.models.unet import UNetModel
 from sd_lightning.systems.images import log_image, to_uint8
 from sd_lightning.systems.rng import StepSeededMixin
-from sd_lightning.systems.skipped import SkippedSamplesMixin
+from sd_lightning.systems.stage import StageCheckpointMixin
 
 log = logging.getLogger(__name__)
 # The frozen VAE and the EMA copy are in eval mode on purpose; Lightning's warning about modules
@@ -72,7 +71,7 @@ def make_alphas_cumprod(
     return schedules.alphas_cumprod(betas.double()).float()
 
 
-class LatentDiffusionSystem(StepSeededMixin, SkippedSamplesMixin):
+class LatentDiffusionSystem(StepSeededMixin, StageCheckpointMixin):
     """Trains ``unet`` on ``vae`` latents conditioned on ``text_encoder`` token states.
 
     Args:
@@ -95,6 +94,12 @@ class LatentDiffusionSystem(StepSeededMixin, SkippedSamplesMixin):
         compile: ``torch.compile`` the U-Net (and its EMA copy) layer by layer.
         compile_options: keyword arguments of ``torch.compile`` (``mode``, ``dynamic``...).
     """
+
+    checkpoint_stage = STAGE
+    resume_fix = (
+        "ckpt_path resumes only from a stage-2 checkpoint (checkpoints/last.ckpt of a stage=ldm "
+        "run); a stage-1 checkpoint goes in vae_ckpt="
+    )
 
     def __init__(
         self,
@@ -190,22 +195,8 @@ class LatentDiffusionSystem(StepSeededMixin, SkippedSamplesMixin):
         self.vae.eval()
         return self
 
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["sd_lightning"] = {
-            "stage": STAGE,
-            "config": self.run_config,
-            "vae_config": self.vae.config,
-            "skipped": self.skipped_state(),
-        }
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        check_stage(
-            checkpoint,
-            STAGE,
-            "ckpt_path is a checkpoint",
-            "ckpt_path resumes only from a stage-2 checkpoint (checkpoints/last.ckpt of a stage=ldm run); a stage-1 checkpoint goes in vae_ckpt=",
-        )
-        self.restore_skipped(checkpoint)
+    def checkpoint_extras(self) -> dict[str, Any]:
+        return {"vae_config": self.vae.config}  # rebuilds the frozen VAE for sampling
 
     def export_weights(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """The U-Net's weights (EMA if kept; original SD names) and the config that builds it.

@@ -16,12 +16,11 @@ from lightning.pytorch.strategies import DDPStrategy
 from torchmetrics import MeanMetric
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
-from sd_lightning.checkpoints import check_stage
 from sd_lightning.losses.autoencoder_loss import AutoencoderLoss
 from sd_lightning.models.autoencoder import AutoencoderKL
 from sd_lightning.systems.images import log_image, pairs_grid
 from sd_lightning.systems.rng import StepSeededMixin
-from sd_lightning.systems.skipped import SkippedSamplesMixin
+from sd_lightning.systems.stage import StageCheckpointMixin
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +33,7 @@ def _noop() -> None:
     pass
 
 
-class VAESystem(StepSeededMixin, SkippedSamplesMixin):
+class VAESystem(StepSeededMixin, StageCheckpointMixin):
     """Trains ``autoencoder`` with ``loss`` (which owns the discriminator and the learned logvar).
 
     Args:
@@ -49,6 +48,9 @@ class VAESystem(StepSeededMixin, SkippedSamplesMixin):
         gradient_clip_val: max gradient norm per optimizer (``None``: no clipping).
         num_val_images: images of the first validation batch shown beside their reconstructions.
     """
+
+    checkpoint_stage = STAGE
+    resume_fix = "stage=vae resumes only from a stage-1 checkpoint (checkpoints/last.ckpt of a stage=vae run)"
 
     def __init__(
         self,
@@ -109,22 +111,6 @@ class VAESystem(StepSeededMixin, SkippedSamplesMixin):
             # Each optimizer's backward touches only its own network, and the discriminator is idle
             # before disc_start: DDP must tolerate parameters without gradients.
             self.trainer.strategy._ddp_kwargs["find_unused_parameters"] = True
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["sd_lightning"] = {
-            "stage": STAGE,
-            "config": self.run_config,
-            "skipped": self.skipped_state(),
-        }
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        check_stage(
-            checkpoint,
-            STAGE,
-            "ckpt_path is a checkpoint",
-            "stage=vae resumes only from a stage-1 checkpoint (checkpoints/last.ckpt of a stage=vae run)",
-        )
-        self.restore_skipped(checkpoint)
 
     def export_weights(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """The autoencoder's weights (CompVis names) and the config that builds it, for
