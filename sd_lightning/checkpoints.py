@@ -18,6 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from sd_lightning.models.autoencoder import AutoencoderKL
+from sd_lightning.resume import sharded_meta
 
 VAE_HINT = "the checkpoints/last.ckpt (or export/vae.safetensors) of a stage=vae run"
 
@@ -44,14 +45,7 @@ def read_sharded_checkpoint(path: str) -> dict[str, Any]:
     from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
-    from sd_lightning.resume import SHARDED_META
-
-    meta = os.path.join(path, SHARDED_META)
-    if not os.path.isfile(meta) or not os.path.isfile(os.path.join(path, ".metadata")):
-        raise ValueError(
-            f"{path!r} is a folder but not a complete sharded checkpoint (no .metadata or "
-            f"{SHARDED_META}); give a checkpoint another run finished writing"
-        )
+    meta = sharded_meta(path)
     state: dict[str, Any] = {}
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": yes
         warnings.filterwarnings("ignore", message=".*load in a single process")

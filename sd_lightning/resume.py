@@ -54,15 +54,25 @@ def checkpoint_folder(trainer) -> str:
     return folder or os.path.join(trainer.default_root_dir, "checkpoints")
 
 
+def sharded_meta(folder: str) -> str:
+    """The ``meta.pt`` of a complete sharded checkpoint; ``FileNotFoundError`` when the folder
+    lacks it or the shards' index (``.metadata``, written after every shard)."""
+    meta = os.path.join(folder, SHARDED_META)
+    if not os.path.isfile(meta) or not os.path.isfile(os.path.join(folder, ".metadata")):
+        raise FileNotFoundError(
+            f"{folder!r} is a folder but not a complete sharded checkpoint (no .metadata or "
+            f"{SHARDED_META})"
+        )
+    return meta
+
+
 def checkpoint_step(path: str) -> int | None:
     """The ``global_step`` a checkpoint holds, or None when it cannot be read. A sharded checkpoint
     (a folder, ``trainer=fsdp``) is complete when it has the shards' index (``.metadata``, written
     after every shard) and Lightning's ``meta.pt`` (written last)."""
     try:
         if os.path.isdir(path):
-            if not os.path.isfile(os.path.join(path, ".metadata")):
-                raise FileNotFoundError("a sharded checkpoint without its .metadata index")
-            path = os.path.join(path, SHARDED_META)
+            path = sharded_meta(path)
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         return int(checkpoint["global_step"])
     except Exception as exn:  # noqa: BLE001 - any unreadable file is skipped, not fatal

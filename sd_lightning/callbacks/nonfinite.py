@@ -55,8 +55,8 @@ class NonFiniteGuard(L.Callback):
     def on_before_optimizer_step(
         self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        local = self._finite(optimizer).to(trainer.strategy.root_device, torch.int32)
-        ranks = trainer.strategy.all_gather(local).reshape(-1)
+        finite = self._finite(optimizer).to(trainer.strategy.root_device, torch.int32)
+        ranks = trainer.strategy.all_gather(finite).reshape(-1)
         if bool(ranks.all()):
             self.consecutive = 0
             return

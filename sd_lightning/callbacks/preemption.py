@@ -1,8 +1,8 @@
 """Preemption: on SIGUSR1 (SLURM's warning before the time limit, ``--signal=SIGUSR1@90``),
 SIGUSR2 (the same from submitit, ``hydra/launcher=slurm``) or SIGTERM (preemption, ``scancel``,
 a container stopping), every rank agrees at the next step boundary, one checkpoint is written
-atomically, training stops cleanly and, inside a SLURM batch job, the job requeues itself. The requeued job runs in the same run directory and resumes from
-that checkpoint (``ckpt_path=auto``).
+atomically, training stops cleanly and, inside a SLURM batch job, the job requeues itself. The
+requeued job runs in the same run directory and resumes from that checkpoint (``ckpt_path=auto``).
 
 The signal handler only sets a flag: saving inside a handler could interrupt a collective or an
 optimizer step half-way. After each training batch the ranks all-reduce the flag (one small

@@ -182,8 +182,8 @@ class LatentDiffusionSystem(StepSeededMixin, StageCheckpointMixin):
             compile_unet(self.unet, **self.compile_options)
             self._compiled = True
         nets = [self.unet] + ([self.ema.net] if self.ema is not None else [])
-        strategy = self._trainer.strategy if self._trainer is not None else None
-        mesh = getattr(strategy, "shard_mesh", None) if strategy is not None else None
+        strategy = getattr(self._trainer, "strategy", None)
+        mesh = getattr(strategy, "shard_mesh", None)  # trainer=fsdp only
         if mesh is None or is_sharded(self.unet):  # not FSDP, or done already (validate after fit)
             return
         for net in nets:  # the EMA copy is sharded alike, so its update is per shard

@@ -18,6 +18,7 @@ from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMe
 
 from sd_lightning.losses.autoencoder_loss import AutoencoderLoss
 from sd_lightning.models.autoencoder import AutoencoderKL
+from sd_lightning.models.parallel import full_state_dict
 from sd_lightning.systems.images import log_image, pairs_grid
 from sd_lightning.systems.rng import StepSeededMixin
 from sd_lightning.systems.stage import StageCheckpointMixin
@@ -115,7 +116,7 @@ class VAESystem(StepSeededMixin, StageCheckpointMixin):
     def export_weights(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """The autoencoder's weights (CompVis names) and the config that builds it, for
         safetensors export."""
-        state = {k: v.detach().cpu().contiguous() for k, v in self.autoencoder.state_dict().items()}
+        state = full_state_dict(self.autoencoder)
         config = (self.run_config or {}).get("vae", {})
         return state, {
             "stage": STAGE,
