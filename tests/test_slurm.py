@@ -63,7 +63,8 @@ def _submit(slurm: LocalSlurm, run_root: Path, script: str, *overrides: str) -> 
 
 
 def _output(run_root: Path, job: str) -> str:
-    return "\n".join(p.read_text() for p in run_root.glob(f"*-{job}.out"))
+    # two tasks write one file: a progress bar character can be cut by the other task's bytes
+    return "\n".join(p.read_text(errors="replace") for p in run_root.glob(f"*-{job}.out"))
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
