@@ -39,6 +39,17 @@ def load_ldm(path: str, key: str = "ckpt") -> LatentDiffusionSystem:
     return system.eval()
 
 
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def sampling_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise ValueError(f"dtype={name!r}: choose auto, bfloat16 or float32")
+    return DTYPES[name]
+
+
 def slug(text: str, limit: int = 60) -> str:
     return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:limit] or "empty"
 
@@ -52,10 +63,15 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
     system = load_ldm(cfg.ckpt).to(device)
     if not cfg.use_ema and system.ema is not None:
         system.ema = None
+    dtype = sampling_dtype(cfg.get("dtype", "auto"), device)
+    # the networks in bf16 (no weight casts in every step); schedule and latent scale stay float32
+    system.sampling_net.to(dtype)
+    system.vae.to(dtype)
     schedule = system.run_config["model"].get("schedule") or {}
     spacing = cfg.spacing or ("trailing" if schedule.get("zero_terminal_snr") else "leading")
     seeds = [int(cfg.seed) + i for i in range(len(prompts))]
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    low = device.type == "cuda" or dtype == torch.bfloat16
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=low)
     with autocast:
         images = system.sample_images(
             prompts,

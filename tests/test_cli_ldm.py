@@ -52,6 +52,15 @@ def test_ldm_then_sample_writes_images_that_reproduce(tmp_path, vae_ckpt, data_d
     for a, b in zip(files, _pngs(tmp_path / "s2")):
         assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))
 
+    # bf16 weights (the default on GPUs): close to the float32 images
+    low = run_cli(*common, "dtype=bfloat16", f"hydra.run.dir={tmp_path / 's3'}")
+    assert low.returncode == 0, low.stderr[-3000:]
+    for a, b in zip(files, _pngs(tmp_path / "s3")):
+        diff = np.abs(np.asarray(Image.open(a), np.int16) - np.asarray(Image.open(b), np.int16))
+        assert diff.mean() < 8, diff.mean()
+    bad = run_cli(*common, "dtype=float8", f"hydra.run.dir={tmp_path / 's4'}")
+    assert bad.returncode != 0 and "dtype='float8': choose auto, bfloat16 or float32" in bad.stderr
+
 
 @pytest.mark.parametrize(
     ("args", "message"),

@@ -138,6 +138,22 @@ def test_ema_tracks_with_warmup_and_stays_out_of_the_optimizer():
         ema.update(net)
     assert ema.current_decay() == 0.9
     torch.testing.assert_close(ema.net.weight, net.weight, atol=1e-6, rtol=0)
+    assert int(ema.num_updates) == 201
+
+
+def test_ema_warmup_follows_a_loaded_count():
+    """The update count is kept on the host (no GPU synchronisation per step) and re-read from
+    the buffer when a checkpoint is loaded."""
+    ema = EMA(torch.nn.Linear(3, 3), decay=0.9999)
+    ema.update(ema.net)
+    assert ema.current_decay() == 2 / 11
+    state = ema.state_dict()
+    state["num_updates"] = torch.tensor(40)
+    ema.load_state_dict(state)
+    assert ema.current_decay() == 41 / 50
+    ema.num_updates.fill_(90)  # copied in place (as a sharded checkpoint load may do)
+    ema.resync()
+    assert ema.current_decay() == 91 / 100
 
 
 def _random_text_encoder(**kw) -> OpenCLIPTextEncoder:
@@ -175,3 +191,51 @@ def test_text_encoder_weights_that_cannot_be_had_give_the_fix(tmp_path):
         OpenCLIPTextEncoder(name="ViT-H-14", pretrained=None)
     with pytest.raises(ValueError, match="layer"):
         _random_text_encoder(layer="second")
+
+
+def test_unet_blocks_are_units_fsdp2_accepts_in_every_supported_torch():
+    """torch < 2.14's ``fully_shard`` refuses any ``nn.ModuleList``/``ModuleDict``, even one with a
+    forward (seen on torch 2.11 on the GPU machine): the blocks it shards must be neither."""
+    from sd_lightning.models.parallel import unet_blocks
+
+    unet = _small_unet()
+    blocks = unet_blocks(unet)
+    assert blocks and not any(
+        isinstance(b, (torch.nn.ModuleList, torch.nn.ModuleDict)) for b in blocks
+    )
+    # and the names stay the single-file layout: input_blocks.<i>.<j>...
+    assert "input_blocks.1.0.in_layers.0.weight" in unet.state_dict()
+
+
+def test_compile_scope_is_checked_and_model_scope_compiles_in_place():
+    from sd_lightning.models.parallel import compile_unet
+
+    unet = _small_unet()
+    with pytest.raises(ValueError, match=r"model.compile_scope='block': choose one of"):
+        compile_unet(unet, "block")
+    names = list(unet.state_dict())
+    compile_unet(unet, "model")  # lazy: nothing compiles until the first call
+    assert list(unet.state_dict()) == names and unet._compiled_call_impl is not None
+
+
+def test_speed_options_keep_the_function():
+    """channels_last and the norms' output dtype change speed and memory, not the function:
+    the same outputs in float32, and under bf16 autocast the norms hand on bf16 (with
+    fp32_norms, what autocast chooses: float32 on CUDA)."""
+    ref = _small_unet().eval()
+    _randomize(ref)
+    x, t, ctx = torch.randn(2, 4, 8, 8), torch.tensor([3, 700]), torch.randn(2, 5, 24)
+    fast = _small_unet(channels_last=True).eval()
+    fast.load_state_dict(ref.state_dict())
+    assert (
+        fast.input_blocks[1][0].in_layers[2].weight.is_contiguous(memory_format=torch.channels_last)
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x, t, ctx), ref(x, t, ctx), atol=1e-5, rtol=1e-4)
+    norm = ref.input_blocks[1][0].in_layers[0]
+    plain = torch.nn.GroupNorm(norm.num_groups, norm.num_channels)
+    h = torch.randn(2, 32, 8, 8).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert norm(h).dtype == torch.bfloat16
+        ref.set_fp32_norms(True)  # autocast's own choice (float32 on CUDA, bf16 on the CPU)
+        assert norm(h).dtype == plain(h).dtype

@@ -33,9 +33,25 @@ class EMA(nn.Module):
         self.net = copy.deepcopy(net).requires_grad_(False).eval()
         self.decay, self.warmup = decay, warmup
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
+        # the count on the host: reading the buffer on a GPU every step would make the host wait
+        # for the step to finish (a synchronisation); read once, then counted here
+        self._host_updates: int | None = None
+
+    def updates(self) -> int:
+        if self._host_updates is None:
+            self._host_updates = int(self.num_updates)
+        return self._host_updates
+
+    def resync(self) -> None:
+        """Read the count from the buffer again (after the buffer was loaded or copied into)."""
+        self._host_updates = None
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self.resync()
 
     def current_decay(self) -> float:
-        n = int(self.num_updates)
+        n = self.updates()
         return min(self.decay, (1 + n) / (10 + n)) if self.warmup else self.decay
 
     @torch.no_grad()
@@ -48,6 +64,7 @@ class EMA(nn.Module):
         for b_ema, b in zip(self.net.buffers(), net.buffers()):
             local(b_ema).copy_(local(b))
         self.num_updates += 1
+        self._host_updates = self.updates() + 1
 
     def train(self, mode: bool = True) -> EMA:
         super().train(mode)

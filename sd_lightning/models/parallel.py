@@ -51,6 +51,9 @@ def fully_shard_unet(
     """Shard ``unet`` in place over the 1-D device ``mesh``, one FSDP unit per block."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    # FSDP2 shards contiguous parameters only: NHWC weights go back to NCHW (the activations
+    # stay NHWC when ``unet.channels_last`` is set, and the convolutions follow them)
+    unet.to(memory_format=torch.contiguous_format)
     kwargs = {
         "mesh": mesh,
         "reshard_after_forward": reshard_after_forward,
@@ -84,13 +87,25 @@ def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in state.items()}
 
 
-def compile_unet(unet: nn.Module, **options: Any) -> nn.Module:
-    """``torch.compile`` each layer of each block in place (``options``: ``mode``, ``dynamic``,
-    ``fullgraph``...); parameter names and ``state_dict`` keys stay the same.
+COMPILE_SCOPES = ("layers", "model")
 
-    Layers of one class but other widths (SD 1.5 has 12 kinds of ResNet block) are compiled one
-    version each; Dynamo's default of 8 versions per function would leave the rest eager, so the
-    limit is raised (process-wide) to at least ``RECOMPILE_LIMIT``."""
+
+def compile_unet(unet: nn.Module, scope: str = "layers", **options: Any) -> nn.Module:
+    """``torch.compile`` the U-Net in place (``options``: ``mode``, ``dynamic``, ``fullgraph``...);
+    parameter names and ``state_dict`` keys stay the same.
+
+    ``scope="layers"``: each layer of each block is compiled on its own, so FSDP's per-block
+    hooks and DDP's gradient buckets stay outside the compiled code. Layers of one class but
+    other widths (SD 1.5 has 12 kinds of ResNet block) are compiled one version each; Dynamo's
+    default of 8 versions per function would leave the rest eager, so the limit is raised
+    (process-wide) to at least ``RECOMPILE_LIMIT``. ``scope="model"``: the whole forward is one
+    graph (fusions across layers, and CUDA graphs with ``mode="reduce-overhead"``); not with
+    FSDP."""
+    if scope not in COMPILE_SCOPES:
+        raise ValueError(f"model.compile_scope={scope!r}: choose one of {list(COMPILE_SCOPES)}")
+    if scope == "model":
+        unet.compile(**options)
+        return unet
     config = torch._dynamo.config
     config.recompile_limit = max(config.recompile_limit, RECOMPILE_LIMIT)
     for block in unet_blocks(unet):

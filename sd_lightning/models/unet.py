@@ -36,13 +36,48 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     return emb
 
 
-def _norm(channels: int, groups: int, eps: float = 1e-5) -> nn.GroupNorm:
+class GroupNorm(nn.GroupNorm):
+    """``nn.GroupNorm`` that returns the activations' dtype under autocast.
+
+    CUDA autocast runs ``group_norm`` in float32 and hands the next layer a float32 copy of every
+    normalised activation, which the following SiLU and convolution read and cast back: on a GPU
+    extra memory traffic in every ResNet block and transformer. Here the kernel reads bf16, keeps its
+    statistics in float32 (CUDA and CPU kernels accumulate in float32 for half types) and writes
+    bf16, which is what SD's own ``GroupNorm32`` hands on (it casts the float32 result back).
+    Without autocast (float32 training, the CPU) it is ``nn.GroupNorm`` exactly.
+    ``fp32=True`` restores autocast's behaviour (``unet.fp32_norms``)."""
+
+    fp32 = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fp32 or not torch.is_autocast_enabled(x.device.type):
+            return super().forward(x)  # (entering an autocast context costs 15 us a call)
+        with torch.autocast(x.device.type, enabled=False):
+            w, b = self.weight.to(x.dtype), self.bias.to(x.dtype)
+            return F.group_norm(x, self.num_groups, w, b, self.eps)
+
+
+class LayerNorm(nn.LayerNorm):
+    """``nn.LayerNorm`` that returns the activations' dtype under autocast (see
+    :class:`GroupNorm`)."""
+
+    fp32 = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fp32 or not torch.is_autocast_enabled(x.device.type):
+            return super().forward(x)
+        with torch.autocast(x.device.type, enabled=False):
+            w, b = self.weight.to(x.dtype), self.bias.to(x.dtype)
+            return F.layer_norm(x, self.normalized_shape, w, b, self.eps)
+
+
+def _norm(channels: int, groups: int, eps: float = 1e-5) -> GroupNorm:
     if channels % groups:
         raise ValueError(
             f"unet.norm_groups={groups} does not divide a block's {channels} channels; choose "
             f"model_channels as a multiple of norm_groups (SD uses 32 groups, 320 channels)"
         )
-    return nn.GroupNorm(groups, channels, eps=eps)
+    return GroupNorm(groups, channels, eps=eps)
 
 
 def _zero(module: nn.Module) -> nn.Module:
@@ -131,7 +166,7 @@ class BasicTransformerBlock(nn.Module):
         self.attn1 = Attention(dim, heads, dim_head)
         self.ff = FeedForward(dim, dropout=dropout)
         self.attn2 = Attention(dim, heads, dim_head, context_dim)
-        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.norm1, self.norm2, self.norm3 = LayerNorm(dim), LayerNorm(dim), LayerNorm(dim)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         x = x + self.attn1(self.norm1(x))
@@ -194,9 +229,14 @@ class Downsample(nn.Module):
         return self.op(x)
 
 
-class Stack(nn.ModuleList):
+class Stack(nn.Sequential):
     """CompVis's ``TimestepEmbedSequential``: passes the embedding to ResNet blocks and the context
-    to transformers, optionally under activation checkpointing."""
+    to transformers, optionally under activation checkpointing. (A ``Sequential``, not a
+    ``ModuleList``: FSDP2's ``fully_shard`` in torch < 2.14 refuses every ``ModuleList``, forward
+    or not; the children are named ``0``, ``1``... either way.)"""
+
+    def __init__(self, layers: list[nn.Module]):
+        super().__init__(*layers)
 
     def forward(
         self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor, use_checkpoint: bool
@@ -233,6 +273,13 @@ class UNetModel(nn.Module):
         use_linear_in_transformer: linear instead of 1x1-conv projections (SD 2.x).
         norm_groups: GroupNorm groups everywhere (32 in SD; smaller for tiny models).
         gradient_checkpointing: recompute blocks in backward (saves activation memory).
+        fp32_norms: GroupNorm/LayerNorm outputs in float32 under autocast (autocast's default);
+            ``False`` keeps the activations' dtype (statistics in float32 either way).
+        channels_last: convolution weights and activations in NHWC (``torch.channels_last``),
+            the layout the GPU's convolution kernels prefer.
+
+    ``gradient_checkpointing``, ``fp32_norms`` and ``channels_last`` change speed and memory,
+    not the function: they are not part of ``config`` (what exports and checkpoints record).
     """
 
     def __init__(
@@ -252,6 +299,8 @@ class UNetModel(nn.Module):
         norm_groups: int = 32,
         dropout: float = 0.0,
         gradient_checkpointing: bool = False,
+        fp32_norms: bool = False,
+        channels_last: bool = False,
     ):
         super().__init__()
         if (num_heads == -1) == (num_head_channels == -1):
@@ -346,6 +395,22 @@ class UNetModel(nn.Module):
             nn.SiLU(),
             _zero(nn.Conv2d(model_channels, out_channels, 3, padding=1)),
         )
+        self.channels_last = False
+        self.set_fp32_norms(fp32_norms)
+        self.set_channels_last(channels_last)
+
+    def set_fp32_norms(self, enabled: bool) -> None:
+        """Normalisation outputs in float32 under autocast (``True``) or in the activations'
+        dtype (``False``, the default)."""
+        for module in self.modules():
+            if isinstance(module, (GroupNorm, LayerNorm)):
+                module.fp32 = bool(enabled)
+
+    def set_channels_last(self, enabled: bool) -> None:
+        """Store 4-d weights NHWC and feed activations NHWC (or back to NCHW)."""
+        self.channels_last = bool(enabled)
+        fmt = torch.channels_last if enabled else torch.contiguous_format
+        self.to(memory_format=fmt)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] % self.downsample_factor or x.shape[-2] % self.downsample_factor:
@@ -353,6 +418,8 @@ class UNetModel(nn.Module):
                 f"latent size {tuple(x.shape[-2:])} is not divisible by the U-Net's "
                 f"{self.downsample_factor} (2 ** (len(channel_mult) - 1)); change data.image_size"
             )
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         t = t.expand(x.shape[0]) if t.ndim == 0 else t
         emb = self.time_embed(timestep_embedding(t, self.model_channels).to(x.dtype))
         context = context.to(x.dtype)

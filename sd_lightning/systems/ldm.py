@@ -9,7 +9,8 @@ What is trained, saved and sharded: only ``unet`` (and its EMA copy, saved, neve
 The VAE is a frozen submodule (its weights ride along in checkpoints, so a stage-2 checkpoint
 samples on its own); the text encoder sits outside ``state_dict`` (it comes from its own weights).
 Under ``trainer=fsdp``, ``configure_model`` shards the U-Net and its EMA copy block by block;
-``compile=true`` compiles the U-Net's layers (either way the parameter names stay the same).
+``compile=true`` compiles the U-Net's layers, or with ``compile_scope=model`` its whole forward
+(either way the parameter names stay the same).
 """
 
 from __future__ import annotations
@@ -31,7 +32,13 @@ from sd_lightning.diffusion.training import min_snr_weight, offset_noise
 from sd_lightning.models.autoencoder import AutoencoderKL, DiagonalGaussian
 from sd_lightning.models.ema import EMA
 from sd_lightning.models.frozen import Frozen
-from sd_lightning.models.parallel import compile_unet, full_state_dict, fully_shard_unet, is_sharded
+from sd_lightning.models.parallel import (
+    COMPILE_SCOPES,
+    compile_unet,
+    full_state_dict,
+    fully_shard_unet,
+    is_sharded,
+)
 from sd_lightning.models.unet import UNetModel
 from sd_lightning.systems.images import log_image, to_uint8
 from sd_lightning.systems.rng import StepSeededMixin
@@ -91,7 +98,9 @@ class LatentDiffusionSystem(StepSeededMixin, StageCheckpointMixin):
         offset_noise: strength of the per-channel offset added to the noise (0: off).
         val_prompts / val_seed / val_sampler: the fixed prompts and seeds of the validation grid
             and how it is sampled (``sampler``, ``steps``, ``guidance``, ``spacing``).
-        compile: ``torch.compile`` the U-Net (and its EMA copy) layer by layer.
+        compile: ``torch.compile`` the U-Net (the EMA copy, used for sampling, stays eager).
+        compile_scope: ``layers`` (each layer of each block; works with FSDP) or ``model`` (the
+            whole forward as one graph; not with ``trainer=fsdp``).
         compile_options: keyword arguments of ``torch.compile`` (``mode``, ``dynamic``...).
     """
 
@@ -121,6 +130,7 @@ class LatentDiffusionSystem(StepSeededMixin, StageCheckpointMixin):
         val_sampler: dict[str, Any] | None = None,
         seed: int = 0,
         compile: bool = False,
+        compile_scope: str = "layers",
         compile_options: dict[str, Any] | None = None,
     ):
         super().__init__()
@@ -173,17 +183,28 @@ class LatentDiffusionSystem(StepSeededMixin, StageCheckpointMixin):
         self.register_buffer("latent_scale", torch.tensor(scale))
         self.init_skipped()
         self.seed = seed
+        if compile_scope not in COMPILE_SCOPES:
+            raise ValueError(
+                f"model.compile_scope={compile_scope!r}: choose one of {list(COMPILE_SCOPES)}"
+            )
         self.compile, self.compile_options = compile, _plain(compile_options or {})
+        self.compile_scope = compile_scope
         self.run_config: dict[str, Any] | None = None
 
     # -- sharding and compiling (called by Lightning before the optimizers are made) ---------------
     def configure_model(self) -> None:
-        if self.compile and not getattr(self, "_compiled", False):  # the EMA copy samples eagerly
-            compile_unet(self.unet, **self.compile_options)
-            self._compiled = True
-        nets = [self.unet] + ([self.ema.net] if self.ema is not None else [])
         strategy = getattr(self._trainer, "strategy", None)
         mesh = getattr(strategy, "shard_mesh", None)  # trainer=fsdp only
+        if self.compile and not getattr(self, "_compiled", False):  # the EMA copy samples eagerly
+            if mesh is not None and self.compile_scope == "model":
+                raise ValueError(
+                    "model.compile_scope=model compiles the whole U-Net as one graph, which "
+                    "FSDP's per-block hooks would split: use model.compile_scope=layers with "
+                    "trainer=fsdp"
+                )
+            compile_unet(self.unet, self.compile_scope, **self.compile_options)
+            self._compiled = True
+        nets = [self.unet] + ([self.ema.net] if self.ema is not None else [])
         if mesh is None or is_sharded(self.unet):  # not FSDP, or done already (validate after fit)
             return
         for net in nets:  # the EMA copy is sharded alike, so its update is per shard
@@ -304,6 +325,10 @@ class LatentDiffusionSystem(StepSeededMixin, StageCheckpointMixin):
         # this step holds this step's EMA update
         if self.ema is not None:
             self.ema.update(self.unet)
+
+    def on_train_start(self) -> None:
+        if self.ema is not None:  # a resumed run loaded the count into the buffer
+            self.ema.resync()
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         if self.ema is not None:
