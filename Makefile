@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-fast slurm-deps demo bench-data lint clean
+.PHONY: help install test test-fast slurm-deps demo bench-data gpu-wheels gpu-suite lint clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
@@ -53,6 +53,28 @@ demo: $(STAMP) ## the whole pipeline on the embedded demo data: VAE, latent diff
 
 bench-data: $(STAMP) ## data-loading and stage-2 step benchmark -> docs/benchmarks/data_loading.md
 	$(BIN)/python benchmarks/data_loading.py
+
+# The GPU machine (the device tool) has torch, lightning, torchvision, torchmetrics, transformers,
+# peft, safetensors, pytest and pytest-xdist, and no registry: the rest travels as wheels in .whl/.
+WHEEL_DIR  := .whl
+GPU_PKGS   := hydra-core omegaconf lpips open_clip_torch ftfy wcwidth webdataset braceexpand diffusers
+GPU_PINNED := importlib_metadata==8.7.0
+GPU_SITE   ?= /tmp/sd_lightning-site
+
+gpu-wheels: $(STAMP) ## (CPU machine) the wheels the GPU machine lacks -> .whl/ (what .venv has)
+	rm -rf $(WHEEL_DIR) && mkdir -p $(WHEEL_DIR)
+	$(BIN)/pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d $(WHEEL_DIR) \
+	  $$($(BIN)/python -c "import importlib.metadata as m; print(' '.join(f'{n}=={m.version(n)}' for n in '$(GPU_PKGS)'.split()))") \
+	  $(GPU_PINNED)
+	$(BIN)/pip wheel -q --no-deps -w $(WHEEL_DIR) antlr4-python3-runtime==4.9.3
+	@du -sh $(WHEEL_DIR) && ls $(WHEEL_DIR)
+
+gpu-suite: ## (GPU machine) install .whl/, then every GPU check and benchmark -> docs/benchmarks/gpu.md
+	@[ -d $(WHEEL_DIR) ] || { echo "no $(WHEEL_DIR)/: run 'make gpu-wheels' on the CPU machine and carry $(WHEEL_DIR)"; exit 1; }
+	$(PYTHON) -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+	  --target $(GPU_SITE) $(WHEEL_DIR)/*.whl
+	PYTHONPATH=$(GPU_SITE):$(CURDIR) $(PYTHON) benchmarks/gpu_suite.py $(SUITE_ARGS)
 
 lint: $(STAMP) ## ruff check and format check
 	$(BIN)/ruff check sd_lightning tests benchmarks

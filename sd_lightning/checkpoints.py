@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from sd_lightning.models.autoencoder import AutoencoderKL
 from sd_lightning.resume import sharded_meta
@@ -89,3 +89,13 @@ def load_vae(path: str) -> AutoencoderKL:
     vae = AutoencoderKL(**config)
     vae.load_state_dict(state)
     return vae.requires_grad_(False).eval()
+
+
+def save_vae(vae: AutoencoderKL, path: str, step: int = 0) -> str:
+    """Write ``vae`` as a stage-1 safetensors export (what ``load_vae`` and ``vae_ckpt=`` read):
+    CompVis names, the building config and the stage in the metadata."""
+    state = {k: v.detach().cpu().contiguous() for k, v in vae.state_dict().items()}
+    meta = {"stage": "vae", "model": "autoencoder", "config": vae.config, "step": step}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    save_file(state, path, metadata={k: json.dumps(v) for k, v in meta.items()})
+    return path

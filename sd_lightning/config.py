@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from omegaconf import OmegaConf
+import os
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
 
 
 def auto_precision() -> str:
@@ -17,3 +21,22 @@ def auto_precision() -> str:
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("sd.precision"):
         OmegaConf.register_new_resolver("sd.precision", auto_precision)
+
+
+def compose_config(overrides: list[str], output_dir: str) -> DictConfig:
+    """``conf/train.yaml`` composed with ``overrides`` as ``python -m sd_lightning`` would, for
+    calling ``train(cfg)`` from Python (tests, benchmarks): ``${hydra:...}`` values resolve, and
+    the run writes into ``output_dir``."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+
+    register_resolvers()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="train", overrides=list(overrides), return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(output_dir)
+        del cfg.hydra
+    return cfg

@@ -8,12 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 
 import sd_lightning  # noqa: F401 - registers resolvers
+from sd_lightning import config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -78,18 +76,7 @@ def read_metrics(run_dir: Path) -> list[dict[str, str]]:
 
 def compose_config(overrides: list[str], output_dir: Path, data_dir: Path) -> DictConfig:
     """The real conf/ composed as ``python -m sd_lightning`` would, with ``${hydra:...}`` resolvable."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(
-            config_name="train",
-            overrides=[f"paths.data_dir={data_dir}", *overrides],
-            return_hydra_config=True,
-        )
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(output_dir)
-        del cfg.hydra
-    return cfg
+    return config.compose_config([f"paths.data_dir={data_dir}", *overrides], output_dir)
 
 
 @pytest.fixture(scope="session")
