@@ -161,7 +161,7 @@ def vae_preset(name: str, resolution: int):
 
     from sd_lightning.models import AutoencoderKL
 
-    cfg = OmegaConf.load(os.path.join(ROOT, "conf", "vae", f"{name}.yaml"))
+    cfg = load_preset("vae", name)
     cfg.resolution = resolution
     cfg = OmegaConf.to_container(cfg, resolve=True)
     cfg.pop("_target_")

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import ROOT, device_info, interleaved, md_table, vae_preset, write_result  # noqa: E402
+from harness import device_info, interleaved, load_preset, md_table, vae_preset, write_result  # noqa: E402
 
 from sd_lightning.checkpoints import save_vae  # noqa: E402
 from sd_lightning.config import compose_config  # noqa: E402
@@ -173,9 +173,8 @@ def text_overrides(dim: int) -> list[str]:
 
 
 def run_ldm(args, tmp: str, device: torch.device) -> dict[str, Any]:
-    from omegaconf import OmegaConf
 
-    dim = int(OmegaConf.load(os.path.join(ROOT, "conf", "unet", f"{args.unet}.yaml")).context_dim)
+    dim = int(load_preset("unet", args.unet).context_dim)
     autoencoder = vae_preset(args.vae, args.px)
     latent = args.px // autoencoder.downsample_factor
     urls = write_latent_shards(os.path.join(tmp, "latents"), 5, args.batch * 2, latent, dim)

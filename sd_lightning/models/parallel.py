@@ -90,6 +90,11 @@ def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
 COMPILE_SCOPES = ("layers", "model")
 
 
+def check_compile_scope(scope: str) -> None:
+    if scope not in COMPILE_SCOPES:
+        raise ValueError(f"model.compile_scope={scope!r}: choose one of {list(COMPILE_SCOPES)}")
+
+
 def compile_unet(unet: nn.Module, scope: str = "layers", **options: Any) -> nn.Module:
     """``torch.compile`` the U-Net in place (``options``: ``mode``, ``dynamic``, ``fullgraph``...);
     parameter names and ``state_dict`` keys stay the same.
@@ -101,8 +106,7 @@ def compile_unet(unet: nn.Module, scope: str = "layers", **options: Any) -> nn.M
     (process-wide) to at least ``RECOMPILE_LIMIT``. ``scope="model"``: the whole forward is one
     graph (fusions across layers, and CUDA graphs with ``mode="reduce-overhead"``); not with
     FSDP."""
-    if scope not in COMPILE_SCOPES:
-        raise ValueError(f"model.compile_scope={scope!r}: choose one of {list(COMPILE_SCOPES)}")
+    check_compile_scope(scope)
     if scope == "model":
         unet.compile(**options)
         return unet

@@ -36,16 +36,16 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     return emb
 
 
-class GroupNorm(nn.GroupNorm):
-    """``nn.GroupNorm`` that returns the activations' dtype under autocast.
+class _KeepsDtype:
+    """A normalisation layer that returns the activations' dtype under autocast.
 
-    CUDA autocast runs ``group_norm`` in float32 and hands the next layer a float32 copy of every
-    normalised activation, which the following SiLU and convolution read and cast back: on a GPU
-    extra memory traffic in every ResNet block and transformer. Here the kernel reads bf16, keeps its
-    statistics in float32 (CUDA and CPU kernels accumulate in float32 for half types) and writes
-    bf16, which is what SD's own ``GroupNorm32`` hands on (it casts the float32 result back).
-    Without autocast (float32 training, the CPU) it is ``nn.GroupNorm`` exactly.
-    ``fp32=True`` restores autocast's behaviour (``unet.fp32_norms``)."""
+    CUDA autocast runs ``group_norm``/``layer_norm`` in float32 and hands the next layer a
+    float32 copy of every normalised activation, which the following SiLU and convolution read
+    and cast back: extra memory traffic in every ResNet block and transformer. Here the kernel
+    reads bf16, keeps its statistics in float32 (CUDA and CPU kernels accumulate in float32 for
+    half types) and writes bf16, which is what SD's own ``GroupNorm32`` hands on (it casts the
+    float32 result back). Without autocast (float32 training, the CPU) it is the ``nn`` layer
+    exactly. ``fp32=True`` restores autocast's behaviour (``unet.fp32_norms``)."""
 
     fp32 = False
 
@@ -53,22 +53,17 @@ class GroupNorm(nn.GroupNorm):
         if self.fp32 or not torch.is_autocast_enabled(x.device.type):
             return super().forward(x)  # (entering an autocast context costs 15 us a call)
         with torch.autocast(x.device.type, enabled=False):
-            w, b = self.weight.to(x.dtype), self.bias.to(x.dtype)
-            return F.group_norm(x, self.num_groups, w, b, self.eps)
+            return self.normalize(x, self.weight.to(x.dtype), self.bias.to(x.dtype))
 
 
-class LayerNorm(nn.LayerNorm):
-    """``nn.LayerNorm`` that returns the activations' dtype under autocast (see
-    :class:`GroupNorm`)."""
+class GroupNorm(_KeepsDtype, nn.GroupNorm):
+    def normalize(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return F.group_norm(x, self.num_groups, w, b, self.eps)
 
-    fp32 = False
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fp32 or not torch.is_autocast_enabled(x.device.type):
-            return super().forward(x)
-        with torch.autocast(x.device.type, enabled=False):
-            w, b = self.weight.to(x.dtype), self.bias.to(x.dtype)
-            return F.layer_norm(x, self.normalized_shape, w, b, self.eps)
+class LayerNorm(_KeepsDtype, nn.LayerNorm):
+    def normalize(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, self.normalized_shape, w, b, self.eps)
 
 
 def _norm(channels: int, groups: int, eps: float = 1e-5) -> GroupNorm:
@@ -395,7 +390,6 @@ class UNetModel(nn.Module):
             nn.SiLU(),
             _zero(nn.Conv2d(model_channels, out_channels, 3, padding=1)),
         )
-        self.channels_last = False
         self.set_fp32_norms(fp32_norms)
         self.set_channels_last(channels_last)
 
@@ -403,7 +397,7 @@ class UNetModel(nn.Module):
         """Normalisation outputs in float32 under autocast (``True``) or in the activations'
         dtype (``False``, the default)."""
         for module in self.modules():
-            if isinstance(module, (GroupNorm, LayerNorm)):
+            if isinstance(module, _KeepsDtype):
                 module.fp32 = bool(enabled)
 
     def set_channels_last(self, enabled: bool) -> None:

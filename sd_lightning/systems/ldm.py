@@ -33,7 +33,7 @@ from sd_lightning.models.autoencoder import AutoencoderKL, DiagonalGaussian
 from sd_lightning.models.ema import EMA
 from sd_lightning.models.frozen import Frozen
 from sd_lightning.models.parallel import (
-    COMPILE_SCOPES,
+    check_compile_scope,
     compile_unet,
     full_state_dict,
     fully_shard_unet,
@@ -183,10 +183,7 @@ class LatentDiffusionSystem(StepSeededMixin, StageCheckpointMixin):
         self.register_buffer("latent_scale", torch.tensor(scale))
         self.init_skipped()
         self.seed = seed
-        if compile_scope not in COMPILE_SCOPES:
-            raise ValueError(
-                f"model.compile_scope={compile_scope!r}: choose one of {list(COMPILE_SCOPES)}"
-            )
+        check_compile_scope(compile_scope)  # before training, not at configure_model
         self.compile, self.compile_options = compile, _plain(compile_options or {})
         self.compile_scope = compile_scope
         self.run_config: dict[str, Any] | None = None
