@@ -183,7 +183,8 @@ def diffusers_unet(ours, sample_size: int):
     import diffusers
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 
-    from sd_lightning.models.diffusers_compat import to_original, unet_diffusers_config
+    from sd_lightning.weights.configs import unet_diffusers_config
+    from sd_lightning.weights.layouts import to_original
 
     config = unet_diffusers_config(ours.config, sample_size=sample_size)
     device = next(ours.parameters()).device
@@ -198,7 +199,8 @@ def diffusers_vae(ours):
     import diffusers
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
-    from sd_lightning.models.diffusers_compat import to_original, vae_diffusers_config
+    from sd_lightning.weights.configs import vae_diffusers_config
+    from sd_lightning.weights.layouts import to_original
 
     config = vae_diffusers_config(ours.config)
     device = next(ours.parameters()).device

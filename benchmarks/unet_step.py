@@ -5,7 +5,7 @@
         --cases tiny:128:4,sd15:256:1 --optimizer sgd --rounds 7 --md docs/benchmarks/unet_step_cpu.md
 
 1. Ours against diffusers' ``UNet2DConditionModel`` built from the same config
-   (``diffusers_compat.unet_diffusers_config``) with the same weights (diffusers' own single-file
+   (``weights.configs.unet_diffusers_config``) with the same weights (diffusers' own single-file
    converter; the outputs are compared), the same batch and the same optimizer, in one process,
    timed in turn: ms/step, images/s, TFLOP/s (FLOPs of one image counted by
    ``torch.utils.flop_counter``), MFU against the device's datasheet dense-bf16 peak, and the peak

@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import sys
 
@@ -26,6 +27,7 @@ from hydra.utils import get_method
 from omegaconf import DictConfig
 
 import sd_lightning  # noqa: F401 - registers the config resolvers
+from sd_lightning.errors import InputError
 
 # `key=/data/{000000..012345}.tar`: a WebDataset brace pattern, which Hydra's override grammar would
 # read as a dict. Such values are quoted for Hydra, so shard lists can be passed as users write them.
@@ -48,10 +50,37 @@ def quote_brace_patterns(args: list[str]) -> list[str]:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def _hydra_main(cfg: DictConfig) -> float | None:
-    """Run the stage's entry function (``cfg.entry``, set by the ``stage`` config group)."""
-    metrics = get_method(cfg.entry)(cfg)
+    """Run the stage's entry function (``cfg.entry``, set by the ``stage`` config group). Bad
+    input (an option, a file, shards without usable samples) ends the run with its message and
+    no traceback, on the console and in the run's log."""
+    try:
+        if cfg.get("preflight"):  # the stage's checks, before its imports (Lightning: seconds)
+            get_method(cfg.preflight)(cfg)
+        metrics = get_method(cfg.entry)(cfg)
+    except Exception as exn:
+        cause = input_error(exn)
+        if cause is None:
+            raise
+        report(cause)
+        raise SystemExit(1) from None
     objective = cfg.get("optimized_metric")
     return metrics.get(objective) if objective and isinstance(metrics, dict) else None
+
+
+def input_error(exn: BaseException | None) -> InputError | None:
+    """The :class:`InputError` behind ``exn`` (Hydra wraps what a constructor raises), if any."""
+    while exn is not None and not isinstance(exn, InputError):
+        exn = exn.__cause__
+    return exn
+
+
+def report(exn: InputError) -> None:
+    """``Error: <message>`` on stderr, and as an ERROR record in the run's log file."""
+    print(f"Error: {exn}", file=sys.stderr, flush=True)
+    record = logging.LogRecord("sd_lightning", logging.ERROR, __file__, 0, "%s", (exn,), None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
 
 
 def main() -> None:

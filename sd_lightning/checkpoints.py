@@ -9,32 +9,37 @@ run config); safetensors exports carry the same in their JSON metadata.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import warnings
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
+from sd_lightning.files import read_weight_file
 from sd_lightning.models.autoencoder import AutoencoderKL
-from sd_lightning.resume import sharded_meta
+from sd_lightning.resume import SHARDED_META, sharded_meta
+from sd_lightning.weights.read import check_keys, read_sd_vae
 
-VAE_HINT = "the checkpoints/last.ckpt (or export/vae.safetensors) of a stage=vae run"
+log = logging.getLogger(__name__)
+
+VAE_HINT = (
+    "the checkpoints/last.ckpt (or export/vae.safetensors) of a stage=vae run, or Stable "
+    "Diffusion's VAE (a single file, vae-ft-mse-840000-ema-pruned.safetensors, a diffusers vae/ "
+    "folder)"
+)
 
 
 def read_checkpoint(path: str, stage: str, key: str, hint: str) -> dict[str, Any]:
     """``torch.load`` a Lightning checkpoint of ``stage`` (``key`` names the config option that
     gave ``path``, for the error messages); a sharded one (a folder, ``trainer=fsdp``) is
     gathered into one process, weights only (no optimizer state)."""
-    if not path or not os.path.exists(path):
-        raise FileNotFoundError(f"{key}={path!r}: no such file; give {hint}")
-    if os.path.isdir(path):
-        checkpoint = read_sharded_checkpoint(path)
-    else:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    check_stage(checkpoint, stage, f"{key}={path!r} is a checkpoint", f"give {hint}")
-    return checkpoint
+    found = read_weight_file(path, key, hint)
+    found.require_stage(stage, exports=False)
+    if found.kind == "sharded":
+        return read_sharded_checkpoint(found.path)
+    return found.content
 
 
 def read_sharded_checkpoint(path: str) -> dict[str, Any]:
@@ -67,19 +72,29 @@ def check_stage(checkpoint: Any, stage: str, what: str, fix: str) -> None:
         raise ValueError(f"{what} of stage {found!r}, not stage {stage!r}: {fix}")
 
 
-def load_vae(path: str) -> AutoencoderKL:
-    """The stage-1 autoencoder from a stage=vae Lightning checkpoint or its safetensors export,
-    frozen (``requires_grad=False``, eval mode)."""
-    if path and str(path).endswith(".safetensors") and os.path.isfile(path):
-        with safe_open(path, framework="pt") as f:
-            meta = f.metadata() or {}
-        stage = json.loads(meta.get("stage", "null"))
-        if stage != "vae":
-            raise ValueError(f"vae_ckpt={path!r} is an export of stage {stage!r}: give {VAE_HINT}")
-        config = json.loads(meta["config"])
-        state = load_file(path)
+def load_vae(path: str, option: str = "vae_ckpt") -> AutoencoderKL:
+    """The stage-1 autoencoder, frozen (``requires_grad=False``, eval mode), from a stage=vae
+    Lightning checkpoint or its safetensors export, or from Stable Diffusion's own VAE (a single
+    file, a standalone VAE file, a diffusers folder); those set ``vae.scaling_factor``, the
+    family's latent scale (0.18215)."""
+    path = str(path)
+    sd_folder = os.path.isdir(path) and not os.path.isfile(os.path.join(path, SHARDED_META))
+    found = None if sd_folder else read_weight_file(path, option, VAE_HINT)
+    if found is None or found.stage is None:  # not one of ours: Stable Diffusion's
+        part = read_sd_vae(path, option, VAE_HINT)
+        vae = AutoencoderKL(**part.config)
+        check_keys(vae, part.state, f"{option}={path!r}")
+        vae.load_state_dict(part.state)
+        vae.scaling_factor = part.latent_scale
+        log.info(
+            "%s: Stable Diffusion's VAE from %s (latent scale %s)", option, path, part.latent_scale
+        )
+        return vae.requires_grad_(False).eval()
+    found.require_stage("vae")
+    if found.kind == "safetensors":
+        config, state = found.metadata["config"], found.tensors()
     else:
-        checkpoint = read_checkpoint(path, "vae", "vae_ckpt", VAE_HINT)
+        checkpoint = read_sharded_checkpoint(path) if found.kind == "sharded" else found.content
         config = checkpoint["sd_lightning"]["config"]["vae"]
         prefix = "autoencoder."
         state = {

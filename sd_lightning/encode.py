@@ -23,8 +23,8 @@ from torch.utils.data import DataLoader
 from sd_lightning.checkpoints import load_vae
 from sd_lightning.data.pipeline import ShardPipeline
 from sd_lightning.data.writer import refuse_existing_shards
+from sd_lightning.preflight import require
 from sd_lightning.systems.encode import EncodeSystem, LatentShardWriter, merge_sizes, shard_pattern
-from sd_lightning.train import require
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,7 @@ def encode(cfg: DictConfig) -> dict[str, Any]:
         resampled=False,
         shuffle_buffer=0,
         split_by_node=True,
+        **datamodule.stream_checks,
     )
     loader = DataLoader(dataset, batch_size=None, num_workers=datamodule.num_workers)
     writer = LatentShardWriter(output, int(cfg.samples_per_shard))

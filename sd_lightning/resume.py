@@ -97,11 +97,12 @@ def newest_checkpoint(folder: str) -> str | None:
 
 
 def resolve_ckpt_path(
-    ckpt_path: str | None, checkpoint_dir: str, sharded: bool = False
+    ckpt_path: str | None, checkpoint_dir: str, sharded: bool = False, stage: str | None = None
 ) -> str | None:
     """``auto``: the newest complete checkpoint in ``checkpoint_dir`` (None when there is none);
-    ``null``: start fresh; anything else: that file, which must exist. ``sharded``: the run uses
-    ``trainer=fsdp``; only then can it resume from a folder of shards."""
+    ``null``: start fresh; anything else: that checkpoint, which must open (and, given ``stage``,
+    be of that stage). ``sharded``: the run uses ``trainer=fsdp``; only then can it resume from a
+    folder of shards."""
     if ckpt_path is None:
         return None
     if str(ckpt_path) == "auto":
@@ -109,13 +110,10 @@ def resolve_ckpt_path(
         if found:
             log.info("resume: continuing from %s (the newest complete checkpoint)", found)
         return _check_sharding(found, sharded)
-    if not os.path.exists(ckpt_path):
-        raise FileNotFoundError(
-            f"ckpt_path={ckpt_path!r}: no such file; give a checkpoint of this stage "
-            "(<run dir>/checkpoints/last.ckpt), ckpt_path=auto to resume from the run directory "
-            "if it has one, or ckpt_path=null to start fresh"
-        )
-    return _check_sharding(ckpt_path, sharded)
+    from sd_lightning.preflight import check_resume_file
+
+    path = check_resume_file(str(ckpt_path), stage)
+    return _check_sharding(path, sharded)
 
 
 def _check_sharding(path: str | None, sharded: bool) -> str | None:

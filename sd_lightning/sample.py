@@ -17,13 +17,12 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from sd_lightning.checkpoints import read_checkpoint
+from sd_lightning.errors import InputError
+from sd_lightning.preflight import LDM_HINT, check_sampling
 from sd_lightning.systems.images import save_png, to_uint8
 from sd_lightning.systems.ldm import LatentDiffusionSystem, sample_grid
-from sd_lightning.train import require
 
 log = logging.getLogger(__name__)
-
-LDM_HINT = "the checkpoints/last.ckpt of a stage=ldm run"
 
 
 def load_ldm(path: str, key: str = "ckpt") -> LatentDiffusionSystem:
@@ -46,7 +45,7 @@ def sampling_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if name not in DTYPES:
-        raise ValueError(f"dtype={name!r}: choose auto, bfloat16 or float32")
+        raise InputError(f"dtype={name!r}: choose auto, bfloat16 or float32")
     return DTYPES[name]
 
 
@@ -55,20 +54,18 @@ def slug(text: str, limit: int = 60) -> str:
 
 
 def sample(cfg: DictConfig) -> dict[str, Any]:
-    require(cfg)
-    prompts = list(cfg.prompts) if not isinstance(cfg.prompts, str) else [cfg.prompts]
-    if not prompts:
-        raise ValueError('prompts is empty: give prompts=\'["a red circle", "a blue square"]\'')
+    prompts, negative = check_sampling(cfg)
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    system = load_ldm(cfg.ckpt).to(device)
+    dtype = sampling_dtype(cfg.get("dtype", "auto"), device)
+    system = load_ldm(cfg.ckpt)
+    if cfg.image_size is not None:
+        system.check_image_size(int(cfg.image_size), "image_size")
+    system = system.to(device)
     if not cfg.use_ema and system.ema is not None:
         system.ema = None
-    dtype = sampling_dtype(cfg.get("dtype", "auto"), device)
     # the networks in bf16 (no weight casts in every step); schedule and latent scale stay float32
     system.sampling_net.to(dtype)
     system.vae.to(dtype)
-    schedule = system.run_config["model"].get("schedule") or {}
-    spacing = cfg.spacing or ("trailing" if schedule.get("zero_terminal_snr") else "leading")
     seeds = [int(cfg.seed) + i for i in range(len(prompts))]
     low = device.type == "cuda" or dtype == torch.bfloat16
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=low)
@@ -80,8 +77,8 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
             sampler=cfg.sampler,
             steps=cfg.steps,
             guidance=cfg.guidance,
-            negative_prompt=cfg.negative_prompt,
-            spacing=spacing,
+            negative_prompt=negative,
+            spacing=cfg.spacing,  # null: the system's (trailing for zero terminal SNR)
             batch_size=cfg.batch_size,
         )
     out_dir = cfg.paths.output_dir

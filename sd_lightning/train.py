@@ -20,7 +20,10 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
 
 from sd_lightning.callbacks import Preemption
+from sd_lightning.preflight import check_training, require
 from sd_lightning.resume import resolve_ckpt_path
+
+__all__ = ["export_weights", "require", "train"]
 
 log = logging.getLogger(__name__)
 
@@ -32,19 +35,11 @@ def _instantiate_group(group: DictConfig | None) -> list[Any]:
     return [instantiate(node) for node in group.values() if node is not None and "_target_" in node]
 
 
-def require(cfg: DictConfig) -> None:
-    """Top-level values a stage marks ``???`` (``vae_ckpt``, ``ckpt``) must be given."""
-    for key in cfg:
-        if OmegaConf.is_missing(cfg, key):
-            raise ValueError(
-                f"stage={cfg.get('stage')} needs {key}=... on the command line "
-                f"(see conf/stage/{cfg.get('stage')}.yaml for what it takes)"
-            )
-
-
 def train(cfg: DictConfig) -> dict[str, float]:
-    """Fit ``cfg.model`` on ``cfg.data`` with ``cfg.trainer``; returns the final logged metrics."""
-    require(cfg)
+    """Fit ``cfg.model`` on ``cfg.data`` with ``cfg.trainer``; returns the final logged metrics.
+    A run stopped by Ctrl-C (checkpoint written) exits with status 130."""
+    check_training(cfg)
+    checkpoint_dir = os.path.join(cfg.paths.output_dir, "checkpoints")
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     os.makedirs(cfg.paths.output_dir, exist_ok=True)
@@ -62,9 +57,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         logger.log_hyperparams(system.run_config)
 
     sharded = isinstance(trainer.strategy, ModelParallelStrategy)  # trainer=fsdp
-    ckpt_path = resolve_ckpt_path(
-        cfg.get("ckpt_path"), os.path.join(cfg.paths.output_dir, "checkpoints"), sharded
-    )
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), checkpoint_dir, sharded, cfg.get("stage"))
     try:
         trainer.fit(system, datamodule=datamodule, ckpt_path=ckpt_path)
     finally:
@@ -73,6 +66,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     preemption = next((c for c in callbacks if isinstance(c, Preemption)), None)
     if preemption is not None and preemption.stopped:  # not finished: no export
         preemption.finish(trainer.is_global_zero)
+        if preemption.received == "SIGINT":  # Ctrl-C: a chain of commands stops here
+            raise SystemExit(130)
         return _metrics(trainer)
 
     checkpoint = trainer.checkpoint_callback

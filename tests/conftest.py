@@ -126,6 +126,15 @@ def run_cli(
     )
 
 
+def run_cli_all(commands: list[list[str]], jobs: int = 2, **kwargs) -> list:
+    """:func:`run_cli` for each argument list, ``jobs`` processes at a time (their imports are
+    most of their time); the results in order."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(jobs) as pool:
+        return list(pool.map(lambda args: run_cli(*args, **kwargs), commands))
+
+
 def run_ldm_two_ranks(run: Path, data_dir, vae_ckpt, *overrides: str, trainer: str = "debug"):
     """Stage 2 at tiny sizes from the CLI on two CPU processes (gloo) with ``trainer=<trainer>``
     and ``logger=csv`` into ``run``; ``tests/`` is importable (``fault_injection`` callbacks).
@@ -145,6 +154,16 @@ def run_ldm_two_ranks(run: Path, data_dir, vae_ckpt, *overrides: str, trainer: s
         },
         timeout=300,
     )
+
+
+@pytest.fixture(scope="session")
+def ldm_ckpt(tmp_path_factory, data_dir, vae_ckpt) -> Path:
+    """A stage-2 checkpoint of the tiny U-Net (one real training step) on :func:`vae_ckpt`."""
+    from sd_lightning.train import train
+
+    run = tmp_path_factory.mktemp("ldm_run")
+    train(compose_config([*LDM_TINY, f"vae_ckpt={vae_ckpt}", "trainer.max_steps=1"], run, data_dir))
+    return run / "checkpoints" / "last.ckpt"
 
 
 @pytest.fixture

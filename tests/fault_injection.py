@@ -65,3 +65,19 @@ class SignalAt(L.Callback):
 
         if trainer.global_step == self.step and trainer.global_rank == self.rank:
             os.kill(os.getpid(), signal.Signals[self.signal])
+
+
+class PauseAt(L.Callback):
+    """Holds the batch of ``step`` for ``seconds`` after writing ``<run dir>/paused``, so a test
+    can signal the process (Ctrl-C) while a step is in progress."""
+
+    def __init__(self, step: int, seconds: float):
+        self.step, self.seconds = step, seconds
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args) -> None:
+        import time
+
+        if trainer.global_step == self.step and trainer.is_global_zero:
+            with open(os.path.join(trainer.default_root_dir, "paused"), "w") as f:
+                f.write(str(os.getpid()))
+            time.sleep(self.seconds)  # a signal's handler runs, then the sleep goes on

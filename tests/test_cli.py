@@ -110,7 +110,7 @@ def test_checkpoint_of_another_stage_is_refused(tmp_path):
     kept = (run / "checkpoints" / "last.ckpt").read_bytes()
     out = run_cli("stage=vae", *args, "trainer.max_steps=2", f"ckpt_path={other}")
     assert out.returncode != 0
-    assert "ckpt_path is a checkpoint of stage 'ldm', not stage 'vae'" in out.stderr
+    assert f"ckpt_path='{other}' is a checkpoint of stage 'ldm', not stage 'vae'" in out.stderr
     assert (run / "checkpoints" / "last.ckpt").read_bytes() == kept  # nothing overwritten
 
 

@@ -66,7 +66,7 @@ def test_ldm_then_sample_writes_images_that_reproduce(tmp_path, vae_ckpt, data_d
     ("args", "message"),
     [
         (["stage=ldm"], "stage=ldm needs vae_ckpt=..."),
-        (["stage=ldm", "vae_ckpt=/nope/last.ckpt"], "vae_ckpt='/nope/last.ckpt': no such file"),
+        (["stage=ldm", "vae_ckpt=/nope/last.ckpt"], "vae_ckpt='/nope/last.ckpt' does not exist"),
         (["stage=sample"], "stage=sample needs ckpt=..."),
     ],
 )

@@ -8,6 +8,7 @@ import torch
 from hydra.utils import instantiate
 
 from sd_lightning.checkpoints import load_vae
+from sd_lightning.files import WeightFileError
 from sd_lightning.sample import load_ldm
 from sd_lightning.train import train
 
@@ -72,10 +73,17 @@ def test_checkpoint_samples_on_its_own_and_seeds_reproduce(ldm_cfg_factory, tmp_
     for sampler in ("ddpm", "dpmpp_2m"):
         out = system.sample_images(prompts[:1], seeds=[1], sampler=sampler, steps=3)
         assert torch.isfinite(out).all()
+    # a negative prompt per prompt: what each would get alone with its own
+    negatives = ["a blue square", "", "a green triangle"]
+    each = system.sample_images(prompts, seeds=[5, 6, 7], negative_prompt=negatives, **kwargs)
+    torch.testing.assert_close(each[1], a[1], atol=1e-5, rtol=0)  # "" is the default
+    third = system.sample_images(prompts[2:], seeds=[7], negative_prompt=negatives[2], **kwargs)
+    torch.testing.assert_close(each[2], third[0], atol=1e-5, rtol=0)
+    assert not torch.allclose(each[2], a[2])
 
 
 def test_stage2_refuses_a_wrong_or_missing_vae_checkpoint(ldm_cfg_factory, tmp_path, vae_ckpt):
-    with pytest.raises(FileNotFoundError, match="vae_ckpt='/nope.ckpt': no such file"):
+    with pytest.raises(WeightFileError, match="vae_ckpt='/nope.ckpt' does not exist: give the"):
         load_vae("/nope.ckpt")
     cfg = ldm_cfg_factory("trainer.max_steps=1")
     train(cfg)
@@ -85,7 +93,7 @@ def test_stage2_refuses_a_wrong_or_missing_vae_checkpoint(ldm_cfg_factory, tmp_p
     with pytest.raises(ValueError, match="stage 'vae', not stage 'ldm'"):
         load_ldm(str(vae_ckpt))
     with pytest.raises(
-        ValueError, match="ckpt_path is a checkpoint of stage 'vae', not stage 'ldm'"
+        ValueError, match="ckpt_path='.*' is a checkpoint of stage 'vae', not stage 'ldm'"
     ):
         train(
             ldm_cfg_factory("trainer.max_steps=2", f"ckpt_path={vae_ckpt}")
@@ -148,3 +156,42 @@ def test_compile_option_trains_like_eager_and_keeps_checkpoint_names(ldm_cfg_fac
     assert results[True].keys() == results[False].keys()  # no _orig_mod in any name
     for key, value in results[False].items():
         torch.testing.assert_close(results[True][key], value, rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_zero_terminal_snr_runs_sample_from_the_last_step_everywhere(ldm_cfg_factory):
+    cfg = ldm_cfg_factory(
+        "model.schedule.zero_terminal_snr=true",
+        "model.prediction=v_prediction",
+        "model.latent_scale=1",
+    )
+    system = instantiate(cfg.model).eval()
+    assert cfg.model.val_sampler.spacing is None  # the validation grid takes the default
+    kwargs = dict(seeds=[3], sampler="ddim", steps=2, guidance=1.0)
+    default = system.sample_images(["a red circle"], **kwargs)
+    trailing = system.sample_images(["a red circle"], spacing="trailing", **kwargs)
+    leading = system.sample_images(["a red circle"], spacing="leading", **kwargs)
+    torch.testing.assert_close(default, trailing)
+    assert not torch.allclose(default, leading)
+
+
+def test_sampling_defaults_to_the_size_the_unet_trained_at(ldm_ckpt, tmp_path):
+    checkpoint = torch.load(ldm_ckpt, weights_only=True)
+    meta = checkpoint["sd_lightning"]
+    assert meta["vae_config"]["resolution"] == 32
+    meta["config"]["data"]["image_size"] = 64  # a U-Net trained at 64 px on a 32 px VAE
+    torch.save(checkpoint, tmp_path / "at64.ckpt")
+    system = load_ldm(str(tmp_path / "at64.ckpt"))
+    images = system.sample_images(["a red circle"], seeds=[0], steps=1, guidance=1.0)
+    assert images.shape[-2:] == (64, 64)
+
+
+def test_guidance_combines_in_float32_whatever_the_networks_dtype():
+    from sd_lightning.diffusion.guidance import GuidedNet
+
+    def net(x, t, context):  # conditional 1 + 2**-7, unconditional 1, as bf16 outputs
+        return torch.where(context[:, :1, :1, None] > 0, 1.0078125, 1.0).expand_as(x).bfloat16()
+
+    guided = GuidedNet(net, uncond=-torch.ones(1, 2, 3), scale=7.5)
+    out = guided(torch.zeros(1, 4, 2, 2), torch.tensor([5]), torch.ones(1, 2, 3))
+    assert out.dtype == torch.float32
+    assert torch.all(out == 1 + 7.5 * 2**-7)  # bf16 would give 1.0547 or 1.0625

@@ -90,5 +90,7 @@ def test_newest_complete_checkpoint_skips_torn_files(tmp_path, caplog):
     assert not [p for p in folder.iterdir() if ".tmp" in p.name]  # no temporary files left
     assert resolve_ckpt_path("auto", str(tmp_path / "nothing")) is None
     assert resolve_ckpt_path(None, str(folder)) is None
-    with pytest.raises(FileNotFoundError, match="ckpt_path=auto to resume"):
+    with pytest.raises(
+        ValueError, match="missing.ckpt' does not exist: .* ckpt_path=auto to resume"
+    ):
         resolve_ckpt_path(str(tmp_path / "missing.ckpt"), str(folder))

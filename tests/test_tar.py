@@ -52,6 +52,7 @@ def test_samples_group_by_key_like_webdataset(tmp_path):
     path.write_bytes(_tar(FILES + [("__meta__", b"skipped"), ("noext", b"skipped")], 1))
     skipped = Counter()
     ours = list(shard_samples([str(path)], skipped))
+    assert {s.pop("__shard__") for s in ours} == {1}  # the shard's number in this stream
     theirs = list(tarfile_samples([{"url": str(path)}]))
     assert ours == theirs and not skipped
     assert [s["__key__"] for s in ours] == ["000", f"{LONG_DIR}/001", "ünïcode-name", "002"]

@@ -10,11 +10,8 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from sd_lightning.models import EMA, AutoencoderKL, OpenCLIPTextEncoder, UNetModel
-from sd_lightning.models.diffusers_compat import (
-    to_original,
-    unet_diffusers_config,
-    vae_diffusers_config,
-)
+from sd_lightning.weights.configs import unet_diffusers_config, vae_diffusers_config
+from sd_lightning.weights.layouts import to_original
 
 
 def _preset(name: str, **overrides) -> UNetModel:

@@ -1,14 +1,18 @@
-"""Preemption: on SIGUSR1 (SLURM's warning before the time limit, ``--signal=SIGUSR1@90``),
-SIGUSR2 (the same from submitit, ``hydra/launcher=slurm``) or SIGTERM (preemption, ``scancel``,
-a container stopping), every rank agrees at the next step boundary, one checkpoint is written
-atomically, training stops cleanly and, inside a SLURM batch job, the job requeues itself. The
-requeued job runs in the same run directory and resumes from that checkpoint (``ckpt_path=auto``).
+"""Preemption and Ctrl-C: on SIGUSR1 (SLURM's warning before the time limit,
+``--signal=SIGUSR1@90``), SIGUSR2 (the same from submitit, ``hydra/launcher=slurm``), SIGTERM
+(preemption, ``scancel``, a container stopping) or SIGINT (Ctrl-C), every rank agrees at the next
+step boundary, one checkpoint is written atomically, training stops cleanly and, inside a SLURM
+batch job and unless it was Ctrl-C, the job requeues itself. The requeued job runs in the same run
+directory and resumes from that checkpoint (``ckpt_path=auto``). A second Ctrl-C aborts at once,
+without a checkpoint.
 
 The signal handler only sets a flag: saving inside a handler could interrupt a collective or an
 optimizer step half-way. After each training batch the ranks all-reduce the flag (one small
 collective), so a signal seen by any rank stops every rank at the same step. Lightning's own SLURM
 handlers (checkpoint and ``scontrol requeue`` inside the handler, a broadcast inside the SIGTERM
-handler) are replaced for the duration of ``fit``.
+handler) and its Ctrl-C handling (stop without a checkpoint) are replaced for the duration of
+``fit``. Data-loading workers ignore SIGINT (a terminal's Ctrl-C reaches them too) and carry on
+until the training process stops them.
 """
 
 from __future__ import annotations
@@ -65,7 +69,7 @@ class Preemption(L.Callback):
 
     def __init__(
         self,
-        signals: tuple[str, ...] | list[str] = ("SIGUSR1", "SIGUSR2", "SIGTERM"),
+        signals: tuple[str, ...] | list[str] = ("SIGUSR1", "SIGUSR2", "SIGTERM", "SIGINT"),
         filename: str = "preempted-step{step:08d}.ckpt",
         requeue: str | bool = "auto",
     ):
@@ -78,12 +82,16 @@ class Preemption(L.Callback):
 
     # -- handlers ----------------------------------------------------------------------------------
     def _handle(self, signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if name == "SIGINT" and self.received == "SIGINT":  # Ctrl-C twice: stop now
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt
         if self.received is None:
+            again = " (Ctrl-C again to stop at once, without it)" if name == "SIGINT" else ""
             log.warning(
-                "preemption: received %s; checkpointing at the end of this step",
-                signal.Signals(signum).name,
+                "preemption: received %s; checkpointing at the end of this step%s", name, again
             )
-        self.received = signal.Signals(signum).name
+        self.received = name
 
     def _install(self) -> None:
         for signum in self.signums:
@@ -128,7 +136,9 @@ class Preemption(L.Callback):
         """After ``fit`` (and the loggers) have finished: requeue the SLURM job if asked."""
         if not self.stopped or not is_global_zero:
             return
-        requeue = in_slurm_batch_job() if self.requeue == "auto" else bool(self.requeue)
+        interrupted = self.received == "SIGINT"  # the user stopped it: no requeue
+        auto = in_slurm_batch_job() and not interrupted
+        requeue = auto if self.requeue == "auto" else bool(self.requeue)
         if requeue:
             requeue_slurm_job()
         else:

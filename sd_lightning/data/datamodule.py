@@ -16,6 +16,7 @@ from sd_lightning.data.demo import make_demo_shards
 from sd_lightning.data.pipeline import ShardPipeline
 from sd_lightning.data.shards import expand_sources, expand_urls
 from sd_lightning.data.transforms import ImageTransform, to_model_range
+from sd_lightning.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,11 @@ class WebDataModule(L.LightningDataModule):
         url_weights: sampling weights of the ``::``-joined sources of ``urls`` (resampled mode);
             ``None``: every shard equally likely.
         demo: arguments of :func:`make_demo_shards` (used when ``urls`` is ``None``).
+        max_bad_shards: shards in a row without a usable sample (not a tar file, empty, a failing
+            ``pipe:`` command, every sample skipped) before the run stops with an error naming
+            them; ``None``: no limit.
+        shard_retries: more tries for a remote shard (``pipe:``, ``http:``) that fails before its
+            first sample.
     """
 
     def __init__(
@@ -91,20 +97,23 @@ class WebDataModule(L.LightningDataModule):
         demo: dict[str, Any] | None = None,
         mode: str = "resampled",
         url_weights: list[float] | None = None,
+        max_bad_shards: int | None = 8,
+        shard_retries: int = 2,
     ):
         super().__init__()
+        self.stream_checks = {"max_bad_shards": max_bad_shards, "shard_retries": shard_retries}
         if image_size <= 0:
-            raise ValueError(f"data.image_size must be positive, got {image_size}")
+            raise InputError(f"data.image_size must be positive, got {image_size}")
         if batch_size <= 0:
-            raise ValueError(f"data.batch_size must be positive, got {batch_size}")
+            raise InputError(f"data.batch_size must be positive, got {batch_size}")
         if mode not in ("resampled", "exact"):
-            raise ValueError(f"data.mode must be 'resampled' or 'exact', got {mode!r}")
+            raise InputError(f"data.mode must be 'resampled' or 'exact', got {mode!r}")
         self.mode = mode
         self.url_weights = [float(w) for w in url_weights] if url_weights is not None else None
         if self.url_weights is not None and (
             any(w < 0 for w in self.url_weights) or sum(self.url_weights) <= 0
         ):
-            raise ValueError(
+            raise InputError(
                 f"data.url_weights must be >= 0 with a positive sum, got {url_weights}"
             )
         self.train_sources: list[list[str]] = []
@@ -140,7 +149,7 @@ class WebDataModule(L.LightningDataModule):
             urls, val_urls = self.urls, self.val_urls
         sources = expand_sources(urls, "data.urls")
         if self.url_weights is not None and len(self.url_weights) != len(sources):
-            raise ValueError(
+            raise InputError(
                 f"data.url_weights has {len(self.url_weights)} weights for {len(sources)} "
                 f"'::'-joined sources in data.urls; give one weight per source"
             )
@@ -158,7 +167,7 @@ class WebDataModule(L.LightningDataModule):
         held_out = set(val) if val_urls is None else set()
         self.train_sources = [[u for u in source if u not in held_out] for source in sources]
         if self.url_weights is not None and not all(self.train_sources):
-            raise ValueError(
+            raise InputError(
                 "holding out validation shards emptied a source of data.urls: "
                 "set data.val_urls or data.val_shards=0"
             )
@@ -166,7 +175,7 @@ class WebDataModule(L.LightningDataModule):
         if self.samples_per_epoch is None:
             self.samples_per_epoch = _sizes_from_json(train)
             if self.samples_per_epoch is None:
-                raise ValueError(
+                raise InputError(
                     "data.samples_per_epoch is unset and no sizes.json lists every training shard; "
                     "set data.samples_per_epoch=N (samples in one epoch over all ranks)"
                 )
@@ -210,7 +219,7 @@ class WebDataModule(L.LightningDataModule):
         workers = max(1, self.num_workers)
         needed = workers * self._world_size()
         if self.mode == "exact" and len(self.train_shard_urls) < needed:
-            raise ValueError(
+            raise InputError(
                 f"data.mode=exact splits shards over {workers} worker(s) x "
                 f"{self._world_size()} rank(s) = {needed}, but data.urls has only "
                 f"{len(self.train_shard_urls)} training shard(s): use fewer data.num_workers, "
@@ -228,6 +237,7 @@ class WebDataModule(L.LightningDataModule):
             shuffle_buffer=self.shuffle_buffer,
             seed=self.seed,
             min_size=self.min_size,
+            **self.stream_checks,
         )
         return _EpochLoader(
             dataset,
@@ -251,6 +261,7 @@ class WebDataModule(L.LightningDataModule):
             shuffle_buffer=0,
             split_by_node=split,
             decoder=self.sample_decoder(train=False),
+            **self.stream_checks,
         )
         dataset.set_epoch(0)
         return DataLoader(

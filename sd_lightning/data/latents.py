@@ -16,6 +16,7 @@ import torch
 
 from sd_lightning.data.datamodule import WebDataModule
 from sd_lightning.data.pipeline import Skip, caption_of
+from sd_lightning.errors import InputError
 
 
 def npy_bytes(array: np.ndarray) -> bytes:
@@ -44,7 +45,7 @@ class LatentSampleDecoder:
         }
         if self.text_states:
             if "text.npy" not in sample:
-                raise ValueError(
+                raise InputError(
                     "latent shard has no text.npy: encode with encode_text=true, or train with "
                     "data.text_states=false (the text encoder then runs on the captions)"
                 )
@@ -64,7 +65,7 @@ class LatentDataModule(WebDataModule):
 
     def __init__(self, urls: str | list[str], text_states: bool = True, **kwargs: Any):
         if urls is None:
-            raise ValueError(
+            raise InputError(
                 "data=latents needs data.urls: the shards written by stage=encode "
                 "(e.g. data.urls='/data/latents/{000000..000099}.tar')"
             )

@@ -11,15 +11,17 @@ import io
 import json
 import logging
 import random
+import signal
 from collections import Counter
 from collections.abc import Callable, Iterator
 
 import torch
 import webdataset as wds
 from PIL import Image
-from torch.utils.data import IterableDataset
+from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.filters import _shuffle as shuffle
 
+from sd_lightning.data.health import StreamHealth
 from sd_lightning.data.tar import shard_samples
 
 log = logging.getLogger(__name__)
@@ -27,6 +29,7 @@ log = logging.getLogger(__name__)
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 CAPTION_KEYS = ("txt", "caption")
 SKIP_REASONS = ("tar", "no_image", "decode", "no_caption", "too_small", "duplicate")
+LOGGED_DECODE_ERRORS = 3  # per worker; later ones are counted (data/skipped_decode), not logged
 
 
 class SkipCounter:
@@ -162,6 +165,11 @@ class ShardPipeline(IterableDataset):
         sources / weights: the ``::``-joined parts of ``data.urls`` and their sampling weights
             (resampled mode).
         shuffle_buffer: sample shuffle buffer per worker (0 disables).
+        max_bad_shards: shards in a row that may yield no usable sample before a worker stops
+            with :class:`~sd_lightning.data.health.DataStreamError` (``None``: no limit; a
+            one-pass stream still fails when it ends without a usable sample).
+        shard_retries: more tries for a remote shard (``pipe:``, ``http:``) that fails before
+            its first sample.
         split_by_node: in exact mode, give each rank a disjoint subset of shards.
         min_size: drop images whose ``.json`` width or height is below this.
         decoder: ``(raw sample {ext: bytes}, rng)`` -> fields of the batch, with ``rng`` a
@@ -183,8 +191,18 @@ class ShardPipeline(IterableDataset):
         sources: list[list[str]] | None = None,
         weights: list[float] | None = None,
         decoder: Callable[[dict], dict] | None = None,
+        max_bad_shards: int | None = 8,
+        shard_retries: int = 2,
     ):
         super().__init__()
+        if max_bad_shards is not None and max_bad_shards < 1:
+            raise ValueError(
+                f"data.max_bad_shards must be a positive number or null (no limit), "
+                f"got {max_bad_shards}"
+            )
+        if shard_retries < 0:
+            raise ValueError(f"data.shard_retries must be >= 0, got {shard_retries}")
+        self.max_bad_shards, self.shard_retries = max_bad_shards, shard_retries
         if resampled and not batches_per_worker:
             raise ValueError("a resampled pipeline needs batches_per_worker (the epoch length)")
         self.sources, self.weights = sources, weights
@@ -204,23 +222,37 @@ class ShardPipeline(IterableDataset):
         return stream_key(f"{kind}{self.seed}", self.epoch, rank, worker, offset=self.offset)
 
     def _decode(
-        self, counter: SkipCounter, samples: Iterator[dict], rng: random.Random
+        self,
+        counter: SkipCounter,
+        samples: Iterator[dict],
+        rng: random.Random,
+        health: StreamHealth,
     ) -> Iterator[dict]:
+        errors = 0
         for sample in samples:  # a key repeated within a shard was dropped (and counted) there
+            shard = sample.get("__shard__")
             try:
                 out = self.decoder(sample, rng)
             except Skip as skip:
                 counter.counts[skip.reason] += 1
+                health.decoded(shard, usable=False)
                 continue
             except Exception as exn:  # noqa: BLE001 - any undecodable sample is skipped and counted
                 counter.counts["decode"] += 1
-                log.warning(
-                    "skipping undecodable sample %s from %s: %r",
-                    sample.get("__key__"),
-                    sample.get("__url__"),
-                    exn,
-                )
+                errors += 1
+                if errors <= LOGGED_DECODE_ERRORS:
+                    log.warning(
+                        "skipping undecodable sample %s from %s: %r%s",
+                        sample.get("__key__"),
+                        sample.get("__url__"),
+                        exn,
+                        "; further ones are counted (data/skipped_decode), not logged"
+                        if errors == LOGGED_DECODE_ERRORS
+                        else "",
+                    )
+                health.decoded(shard, usable=False, error=repr(exn))
                 continue
+            health.decoded(shard, usable=True)
             yield {**out, "key": sample["__key__"]}
 
     def _batch(self, counter: SkipCounter, samples: Iterator[dict]) -> Iterator[dict]:
@@ -234,8 +266,11 @@ class ShardPipeline(IterableDataset):
             yield collate(buf, counter)
 
     def __iter__(self) -> Iterator[dict]:
+        if get_worker_info() is not None:  # Ctrl-C reaches the whole process group: the training
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # process checkpoints, workers carry on
         counter = SkipCounter()
         rank, world, worker, workers = wds.utils.pytorch_worker_info()
+        where = f"rank {rank} worker {worker}"
         if self.resampled:
             stream = resampled_shards(
                 self.urls,
@@ -254,14 +289,17 @@ class ShardPipeline(IterableDataset):
             stream = exact_shards(
                 self.urls, self.seed, self.epoch, rank, world, worker, workers, cycle, self.offset
             )
-        samples = shard_samples(stream, counter.counts)
+        health = StreamHealth(self.max_bad_shards, counter.counts, where)
+        samples = shard_samples(stream, counter.counts, health, self.shard_retries)
         if self.shuffle_buffer > 0:
             rng = random.Random(self._seed("shuffle-", rank, worker))
             samples = shuffle(samples, self.shuffle_buffer, min(100, self.shuffle_buffer), rng)
         augment = random.Random(self._seed("augment-", rank, worker))
-        batches = self._batch(counter, self._decode(counter, samples, augment))
+        batches = self._batch(counter, self._decode(counter, samples, augment, health))
         if not self.batches_per_worker:
             yield from batches
-            return
-        for _, batch in zip(range(self.batches_per_worker), batches):
-            yield batch
+            health.finish()
+        else:
+            for _, batch in zip(range(self.batches_per_worker), batches):
+                yield batch
+        health.log_summary()

@@ -9,16 +9,22 @@ WebDataset does: the key is the member's path up to the first dot of its file na
 
 Nothing here raises on bad data: an unreadable shard or a truncated, corrupt tar ends that shard
 (the incomplete sample at the break is dropped) and a file name repeated within a sample keeps the
-first copy; each is counted in the caller's counter (``tar``, ``duplicate``) and logged.
+first copy; each is counted in the caller's counter (``tar``, ``duplicate``), and bad shards are
+reported to a :class:`~sd_lightning.data.health.StreamHealth`, which logs each once and stops a
+stream that yields nothing.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from typing import BinaryIO
+
+from sd_lightning.data.health import StreamHealth
+from sd_lightning.data.shards import REMOTE_PREFIXES
 
 log = logging.getLogger(__name__)
 
@@ -108,13 +114,21 @@ def tar_members(stream: BinaryIO) -> Iterator[tuple[str, bytes]]:
             yield name, data
 
 
-def _close(stream: BinaryIO, url: str, skipped: Counter, counted: bool) -> None:
-    try:
-        stream.close()  # a pipe: URL reports its command's failure here
-    except Exception as exn:  # noqa: BLE001 - a failing source is counted, never fatal
-        if not counted:  # the same failure may already have shown up in a read
-            skipped["tar"] += 1
-            log.warning("skipping the rest of shard %s: %r", url, exn)
+def _retriable(url: str) -> bool:
+    """Remote shards (a command, a download) may fail for a moment; local files fail for good."""
+    return url.startswith(REMOTE_PREFIXES)
+
+
+def _problem(url: str, stream: BinaryIO | None, exn: BaseException, members: int) -> tuple:
+    """``(kind, detail)`` of a failed shard reading: a :data:`health.SHARD_HINTS` key and words."""
+    status = getattr(stream, "status", None)  # webdataset's Pipe: the command's exit status
+    if url.startswith("pipe:") and status not in (None, 0):
+        return "command failed", f"`{url[5:]}` exited with status {status}"
+    if stream is None:
+        return "unreadable", repr(exn)
+    if isinstance(exn, TarError) and members == 0:
+        return "not a tar file", ""
+    return "truncated", f"after {members} file(s): {exn}"
 
 
 def _fresh(sample: dict, seen: set[str], skipped: Counter) -> bool:
@@ -126,28 +140,26 @@ def _fresh(sample: dict, seen: set[str], skipped: Counter) -> bool:
     return True
 
 
-def shard_samples(urls: Iterable[dict | str], skipped: Counter) -> Iterator[dict]:
-    """Samples (``{"__key__", "__url__", ext: bytes, ...}``) of each shard in ``urls`` in turn.
+class _Reading:
+    """One reading of one shard: its samples, then ``problem`` (``(kind, detail)`` or None)."""
 
-    ``urls`` yields URLs or ``{"url": ...}`` dicts (shard samplers yield the latter; the same
-    shard may come twice in a row). A key seen before in the same reading of a shard is skipped
-    and counted (``duplicate``), as is a file repeated within a sample.
-    """
-    from webdataset.gopen import gopen
+    def __init__(self, url: str, skipped: Counter):
+        self.url, self.skipped = url, skipped
+        self.samples = 0
+        self.problem: tuple[str, str] | None = None
 
-    for item in urls:
-        url = item["url"] if isinstance(item, dict) else item
-        try:
-            stream = gopen(url, "rb")
-        except Exception as exn:  # noqa: BLE001 - an unreadable shard is counted, never fatal
-            skipped["tar"] += 1
-            log.warning("skipping unreadable shard %s: %r", url, exn)
-            continue
+    def __iter__(self) -> Iterator[dict]:
+        from webdataset.gopen import gopen
+
+        url, skipped = self.url, self.skipped
+        stream = opened = None
+        members = 0
         sample: dict | None = None
-        failed = False
         seen: set[str] = set()  # keys of this reading of the shard
         try:
+            stream = gopen(url, "rb")
             for name, data in tar_members(stream):
+                members += 1
                 base = name.rsplit("/", 1)[-1]
                 if base.startswith("__") and base.endswith("__"):
                     continue
@@ -157,6 +169,7 @@ def shard_samples(urls: Iterable[dict | str], skipped: Counter) -> Iterator[dict
                 key, ext = match.group(1), match.group(2).lower()
                 if sample is None or key != sample["__key__"]:
                     if sample is not None and _fresh(sample, seen, skipped):
+                        self.samples += 1
                         yield sample
                     sample = {"__key__": key, "__url__": url}
                 if ext in sample:
@@ -165,10 +178,62 @@ def shard_samples(urls: Iterable[dict | str], skipped: Counter) -> Iterator[dict
                     continue
                 sample[ext] = data
             if sample is not None and _fresh(sample, seen, skipped):
+                self.samples += 1
                 yield sample
-        except (TarError, OSError) as exn:
-            failed = True
-            skipped["tar"] += 1
-            log.warning("skipping the rest of shard %s (sample in progress dropped): %r", url, exn)
+            stream, opened = None, stream
+            opened.close()  # a pipe: URL reports its command's failure here
+            if members == 0:
+                self.problem = ("empty", "")
+        except Exception as exn:  # noqa: BLE001 - a bad shard is reported, never fatal here
+            self.problem = _problem(url, stream or opened, exn, members)
         finally:
-            _close(stream, url, skipped, counted=failed)
+            if stream is not None:  # failed or abandoned half-way (the consumer stopped)
+                try:
+                    stream.close()
+                except Exception:  # noqa: BLE001 - a failure is already reported, or moot
+                    pass
+
+
+def shard_samples(
+    urls: Iterable[dict | str],
+    skipped: Counter,
+    health: StreamHealth | None = None,
+    retries: int = 0,
+    retry_wait: float = 1.0,
+) -> Iterator[dict]:
+    """Samples (``{"__key__", "__url__", "__shard__", ext: bytes, ...}``) of each shard in
+    ``urls`` in turn.
+
+    ``urls`` yields URLs or ``{"url": ...}`` dicts (shard samplers yield the latter; the same
+    shard may come twice in a row). A key seen before in the same reading of a shard is skipped
+    and counted (``duplicate``), as is a file repeated within a sample. A shard that cannot be
+    read is counted as ``tar`` and reported to ``health`` (which logs it once, and raises
+    :class:`~sd_lightning.data.health.DataStreamError` when too many in a row yield nothing);
+    ``__shard__`` numbers the shard for those reports. A remote shard (``pipe:``, ``http:``...)
+    that fails before its first sample is tried ``retries`` more times, ``retry_wait`` seconds
+    apart (doubling).
+    """
+    health = health if health is not None else StreamHealth(None, skipped)
+    for item in urls:
+        url = item["url"] if isinstance(item, dict) else item
+        seq = health.opened(url)
+        tries = 1 + (retries if _retriable(url) else 0)
+        for attempt in range(tries):
+            reading = _Reading(url, skipped)
+            for sample in reading:
+                sample["__shard__"] = seq
+                health.read(seq)
+                yield sample
+            failed = reading.problem is not None and reading.problem[0] != "empty"
+            if not failed or reading.samples or attempt == tries - 1:
+                break
+            log.debug("shard %s failed (%s); trying again", url, reading.problem[1])
+            time.sleep(retry_wait * 2**attempt)
+        if reading.problem is not None:
+            skipped["tar"] += 1
+            kind, detail = reading.problem
+            if tries > 1 and not reading.samples:
+                detail += f" ({tries} tries)"
+            health.closed(seq, kind, detail)
+        else:
+            health.closed(seq)

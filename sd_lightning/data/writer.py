@@ -163,7 +163,7 @@ def write_shards(
 
 def main(cfg) -> dict[str, Any]:
     """The ``stage=shards`` entry: prints the count and the ``data.urls`` to train on."""
-    from sd_lightning.train import require
+    from sd_lightning.preflight import require
 
     require(cfg)
     result = write_shards(

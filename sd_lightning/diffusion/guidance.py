@@ -19,7 +19,7 @@ from sd_lightning.diffusion.schedules import sampling_schedule
 class GuidedNet(torch.nn.Module):
     """``net(x, t, context)`` with classifier-free guidance: one batched pass over the conditional
     and unconditional contexts, ``uncond + scale * (cond - uncond)`` on the raw output (linear, so
-    the same on epsilon, v or x0)."""
+    the same on epsilon, v or x0), in float32 whatever the network's dtype."""
 
     def __init__(self, net: Callable, uncond: torch.Tensor, scale: float):
         super().__init__()
@@ -29,8 +29,8 @@ class GuidedNet(torch.nn.Module):
         if self.scale == 1.0:
             return self.net(x, t, context)
         out = self.net(torch.cat([x, x]), torch.cat([t, t]), torch.cat([context, self.uncond]))
-        cond, uncond = out.chunk(2)
-        return uncond + self.scale * (cond - uncond)
+        cond, uncond = out.float().chunk(2)  # combined in float32: bf16 would round the
+        return uncond + self.scale * (cond - uncond)  # difference a scale of 7.5 amplifies
 
 
 def initial_noise(seeds: Sequence[int], shape: Sequence[int], device, dtype) -> torch.Tensor:
@@ -54,7 +54,7 @@ def generate(
     sampler: str = "ddim",
     steps: int = 50,
     guidance: float = 7.5,
-    negative_prompt: str = "",
+    negative_prompt: str | Sequence[str] = "",
     spacing: str = "leading",
     final: str = "first",
     batch_size: int = 8,
@@ -62,7 +62,7 @@ def generate(
 ) -> torch.Tensor:
     """Images in [-1, 1], ``(len(prompts), 3, H, W)``, on the CPU.
 
-    ``decode(z)`` maps (unscaled) sampling-space latents to images: the caller divides by the
+    ``negative_prompt``: one for all prompts, or one per prompt. ``decode(z)`` maps (unscaled) sampling-space latents to images: the caller divides by the
     latent scale there. ``unet(x, t, context)`` is the raw network (EMA weights for sampling).
     """
     if sampler not in SAMPLERS:
@@ -75,7 +75,12 @@ def generate(
     for i in range(0, len(prompts), batch_size):
         chunk, chunk_seeds = list(prompts[i : i + batch_size]), list(seeds[i : i + batch_size])
         context = encode_text(chunk)
-        uncond = encode_text([negative_prompt] * len(chunk))
+        negatives = (
+            [negative_prompt] * len(chunk)
+            if isinstance(negative_prompt, str)
+            else list(negative_prompt[i : i + batch_size])
+        )
+        uncond = encode_text(negatives)
         net = GuidedNet(unet, uncond, guidance)
         denoiser = Denoiser(net, abar.to(device), prediction)
         x = initial_noise(chunk_seeds, latent_shape, device, torch.float32)

@@ -410,7 +410,7 @@ class UNetModel(nn.Module):
         if x.shape[-1] % self.downsample_factor or x.shape[-2] % self.downsample_factor:
             raise ValueError(
                 f"latent size {tuple(x.shape[-2:])} is not divisible by the U-Net's "
-                f"{self.downsample_factor} (2 ** (len(channel_mult) - 1)); change data.image_size"
+                f"{self.downsample_factor} (2 ** (len(channel_mult) - 1))"
             )
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)

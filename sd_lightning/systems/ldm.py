@@ -29,6 +29,7 @@ from sd_lightning.diffusion import schedules
 from sd_lightning.diffusion.guidance import generate
 from sd_lightning.diffusion.prediction import add_noise, v_target
 from sd_lightning.diffusion.training import min_snr_weight, offset_noise
+from sd_lightning.errors import InputError
 from sd_lightning.models.autoencoder import AutoencoderKL, DiagonalGaussian
 from sd_lightning.models.ema import EMA
 from sd_lightning.models.frozen import Frozen
@@ -69,7 +70,7 @@ def make_alphas_cumprod(
     elif beta_schedule == "cosine":
         betas = schedules.cosine_betas(num_timesteps)
     else:
-        raise ValueError(
+        raise InputError(
             f"model.schedule.beta_schedule must be scaled_linear, linear or cosine, "
             f"got {beta_schedule!r}"
         )
@@ -135,19 +136,24 @@ class LatentDiffusionSystem(StepSeededMixin, StageCheckpointMixin):
     ):
         super().__init__()
         if prediction not in ("epsilon", "v_prediction"):
-            raise ValueError(
+            raise InputError(
                 f"model.prediction must be 'epsilon' or 'v_prediction', got {prediction!r}"
             )
         if (schedule or {}).get("zero_terminal_snr") and prediction != "v_prediction":
-            raise ValueError(
+            raise InputError(
                 "model.schedule.zero_terminal_snr=true needs model.prediction=v_prediction "
                 "(epsilon is undefined at zero SNR)"
             )
+        if latent_scale is not None and not float(latent_scale) > 0:
+            raise InputError(
+                f"model.latent_scale={latent_scale}: give a positive number (SD's VAE: 0.18215), "
+                "or null to estimate it from the first batch"
+            )
         if not 0.0 <= caption_dropout < 1.0:
-            raise ValueError(f"model.caption_dropout must be in [0, 1), got {caption_dropout}")
+            raise InputError(f"model.caption_dropout must be in [0, 1), got {caption_dropout}")
         context_dim = getattr(text_encoder, "width", None)
         if context_dim is not None and context_dim != unet.config["context_dim"]:
-            raise ValueError(
+            raise InputError(
                 f"the text encoder's states are {context_dim}-d but unet.context_dim="
                 f"{unet.config['context_dim']}; set unet.context_dim={context_dim}"
             )
@@ -179,6 +185,13 @@ class LatentDiffusionSystem(StepSeededMixin, StageCheckpointMixin):
         self.val_prompts, self.val_seed = [str(p) for p in val_prompts], val_seed
         self.val_sampler = val_sampler
         self.register_buffer("alphas_cumprod", make_alphas_cumprod(**schedule))
+        # a schedule that reaches zero SNR is sampled from its last step (trailing spacing)
+        self.default_spacing = "trailing" if schedule.get("zero_terminal_snr") else "leading"
+        if latent_scale is None and getattr(vae, "scaling_factor", None):  # SD's own VAE
+            latent_scale = vae.scaling_factor
+            log.info(
+                "latent_scale: %s, the VAE family's (model.latent_scale overrides)", latent_scale
+            )
         scale = float("nan") if latent_scale is None else float(latent_scale)
         self.register_buffer("latent_scale", torch.tensor(scale))
         self.init_skipped()
@@ -194,7 +207,7 @@ class LatentDiffusionSystem(StepSeededMixin, StageCheckpointMixin):
         mesh = getattr(strategy, "shard_mesh", None)  # trainer=fsdp only
         if self.compile and not getattr(self, "_compiled", False):  # the EMA copy samples eagerly
             if mesh is not None and self.compile_scope == "model":
-                raise ValueError(
+                raise InputError(
                     "model.compile_scope=model compiles the whole U-Net as one graph, which "
                     "FSDP's per-block hooks would split: use model.compile_scope=layers with "
                     "trainer=fsdp"
@@ -206,6 +219,23 @@ class LatentDiffusionSystem(StepSeededMixin, StageCheckpointMixin):
             return
         for net in nets:  # the EMA copy is sharded alike, so its update is per shard
             fully_shard_unet(net, mesh, strategy.mp_policy, strategy.reshard_after_forward)
+
+    def setup(self, stage: str) -> None:
+        size = getattr(getattr(self.trainer, "datamodule", None), "image_size", None)
+        if size is not None:
+            self.check_image_size(int(size), "data.image_size")
+
+    def check_image_size(self, size: int, option: str) -> None:
+        """Image sides must be multiples of the VAE's and the U-Net's downsampling together."""
+        vae, unet = self.vae.downsample_factor, self.unet.downsample_factor
+        factor = vae * unet
+        if size <= 0 or size % factor:
+            lo, hi = size // factor * factor, (max(size, 0) // factor + 1) * factor
+            use = f"{lo} or {hi}" if lo > 0 else f"{hi}"
+            raise InputError(
+                f"{option}={size} is not a positive multiple of {factor} (the VAE's downsampling "
+                f"{vae} x the U-Net's {unet}): use {option}={use}"
+            )
 
     # -- frozen parts stay frozen ------------------------------------------------------------------
     def train(self, mode: bool = True) -> LatentDiffusionSystem:
@@ -369,7 +399,11 @@ class LatentDiffusionSystem(StepSeededMixin, StageCheckpointMixin):
         **sampler: Any,
     ) -> torch.Tensor:
         """Images in [-1, 1] for ``prompts`` with the EMA U-Net; seed ``val_seed + i`` for the
-        i-th when ``seeds`` is not given."""
+        i-th when ``seeds`` is not given. ``image_size``: by default the size the U-Net was
+        trained at; ``spacing`` (null): trailing with a zero-terminal-SNR schedule, else
+        leading."""
+        if sampler.get("spacing") is None:
+            sampler["spacing"] = self.default_spacing
         seeds = (
             list(seeds) if seeds is not None else [self.val_seed + i for i in range(len(prompts))]
         )
@@ -394,10 +428,13 @@ class LatentDiffusionSystem(StepSeededMixin, StageCheckpointMixin):
             self.unet.train(was_training)
 
     def _image_size(self) -> int:
+        """The size the U-Net trains (or trained) at: the data's, from the run's config after
+        loading; the VAE's training size only when neither is known."""
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer else None
         if datamodule is not None and getattr(datamodule, "image_size", None):
             return int(datamodule.image_size)
-        return int(self.vae.config["resolution"])
+        size = ((self.run_config or {}).get("data") or {}).get("image_size")
+        return int(size) if size else int(self.vae.config["resolution"])
 
     # -- optimizers --------------------------------------------------------------------------------
     def configure_optimizers(self):

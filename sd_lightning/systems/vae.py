@@ -16,6 +16,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from torchmetrics import MeanMetric
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
+from sd_lightning.errors import InputError
 from sd_lightning.losses.autoencoder_loss import AutoencoderLoss
 from sd_lightning.models.autoencoder import AutoencoderKL
 from sd_lightning.models.parallel import full_state_dict
@@ -68,7 +69,7 @@ class VAESystem(StepSeededMixin, StageCheckpointMixin):
     ):
         super().__init__()
         if accumulate_grad_batches < 1:
-            raise ValueError(
+            raise InputError(
                 f"model.accumulate_grad_batches must be >= 1, got {accumulate_grad_batches}"
             )
         self.automatic_optimization = False
@@ -104,7 +105,7 @@ class VAESystem(StepSeededMixin, StageCheckpointMixin):
         factor = self.autoencoder.downsample_factor
         if size is not None and size % factor:
             lo, hi = size // factor * factor, (size // factor + 1) * factor
-            raise ValueError(
+            raise InputError(
                 f"data.image_size={size} is not divisible by the VAE's downsampling factor {factor} "
                 f"(2 ** (len(ch_mult) - 1)); use data.image_size={lo or hi} or {hi}"
             )

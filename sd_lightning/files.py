@@ -1,0 +1,184 @@
+"""One reader for every weight file a user names (``ckpt=``, ``ckpt_path=``, ``vae_ckpt=``...).
+
+The file's kind comes from its bytes, not its name: a Lightning/torch checkpoint (a zip, loaded
+with ``torch.load(weights_only=True)``), a safetensors file, or a folder of
+``torch.distributed.checkpoint`` shards (``trainer=fsdp``). Whatever goes wrong (no such file,
+an empty or truncated file, a text file, a file that needs pickle, the wrong stage) is a
+:class:`WeightFileError` that names the option, the file and what the option takes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from sd_lightning.errors import InputError
+
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since 1.6
+PICKLE_MAGIC = b"\x80"  # torch.save's legacy format starts with a pickle protocol opcode
+CONVERT = (
+    'if you trust the file, convert it once: python -c "import torch; from safetensors.torch '
+    "import save_file; sd = torch.load('{path}', weights_only=False); sd = sd.get('state_dict', "
+    "sd); save_file({{k: v.contiguous() for k, v in sd.items()}}, '{stem}.safetensors')\""
+)
+
+
+class WeightFileError(InputError):
+    """A file given for ``option`` is missing, unreadable or not what the option takes."""
+
+    def __init__(self, option: str, path: str, problem: str, expected: str, advice: str = ""):
+        super().__init__(
+            f"{option}={path!r} {problem}: give {expected}" + (advice and f"; {advice}")
+        )
+        self.option, self.path = option, path
+
+
+@dataclass
+class WeightFile:
+    """What :func:`read_weight_file` found. ``kind``: ``checkpoint`` (``content`` is the loaded
+    dict), ``safetensors`` (``metadata`` holds its header's JSON-decoded metadata; the tensors
+    are read on demand with :meth:`tensors`) or ``sharded`` (a folder; ``content`` is its
+    ``meta.pt``)."""
+
+    option: str
+    path: str
+    expected: str
+    kind: str
+    content: dict[str, Any] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def stage(self) -> str | None:
+        """The sd_lightning stage that wrote it (None: not one of ours)."""
+        if self.kind == "safetensors":
+            return self.metadata.get("stage")
+        meta = self.content.get("sd_lightning") if isinstance(self.content, dict) else None
+        return (meta or {}).get("stage")
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(self.path)
+        except Exception as exn:  # noqa: BLE001 - a damaged file is the user's to fix
+            raise self.error(f"is a damaged safetensors file ({exn})") from None
+
+    def error(self, problem: str, advice: str = "") -> WeightFileError:
+        return WeightFileError(self.option, self.path, problem, self.expected, advice)
+
+    def require_stage(self, stage: str, exports: bool = True) -> None:
+        """Refuse a file not written by ``stage``, or (``exports=False``) a safetensors export
+        where the option needs a whole checkpoint."""
+        found = self.stage
+        what = "an export" if self.kind == "safetensors" else "a checkpoint"
+        if found is None:
+            raise self.error(f"is {what} without sd_lightning's stage record (not one of ours)")
+        if found != stage:
+            raise self.error(f"is {what} of stage {found!r}, not stage {stage!r}")
+        if self.kind == "safetensors" and not exports:
+            raise self.error(
+                f"is the weights-only export of a stage={stage} run, not its checkpoint"
+            )
+
+
+def _safetensors_metadata(path: str, head: bytes, size: int) -> dict[str, Any] | None:
+    """The metadata of a safetensors file (values JSON-decoded where they are JSON), or None when
+    the bytes are not one."""
+    if len(head) < 9 or head[8:9] != b"{":
+        return None
+    (length,) = struct.unpack("<Q", head[:8])
+    if length + 8 > size:
+        return None
+    with open(path, "rb") as f:
+        f.seek(8)
+        try:
+            header = json.loads(f.read(length))
+        except ValueError:
+            return None
+    meta = header.get("__metadata__") or {}
+    out = {}
+    for key, value in meta.items():
+        try:
+            out[key] = json.loads(value)
+        except (TypeError, ValueError):
+            out[key] = value
+    return out
+
+
+def _describe(head: bytes) -> str:
+    if all(32 <= b < 127 or b in b"\t\n\r" for b in head):
+        return f"is a text file (it starts with {head[:40].decode('ascii', 'replace')!r})"
+    return f"is not a checkpoint or a safetensors file (it starts with {head[:8]!r})"
+
+
+def read_weight_file(
+    path: str | os.PathLike | None, option: str, expected: str, mmap: bool = False
+) -> WeightFile:
+    """Open ``path`` (given as ``option``) for what ``expected`` describes. ``mmap``: map a
+    checkpoint's tensors instead of reading them (enough to check its stage and step)."""
+    path = "" if path is None else os.fspath(path)
+    if not path or not os.path.exists(path):
+        raise WeightFileError(option, path, "does not exist", expected)
+    if os.path.isdir(path):
+        return _read_folder(path, option, expected)
+    size = os.path.getsize(path)
+    if size == 0:
+        raise WeightFileError(option, path, "is an empty file (an interrupted copy?)", expected)
+    with open(path, "rb") as f:
+        head = f.read(256)
+    found = WeightFile(option, path, expected, kind="checkpoint")
+    if head.startswith((ZIP_MAGIC, PICKLE_MAGIC)):
+        found.content = _torch_load(found, mmap and head.startswith(ZIP_MAGIC))
+        return found
+    metadata = _safetensors_metadata(path, head, size)
+    if metadata is None:
+        raise found.error(_describe(head))
+    found.kind, found.metadata = "safetensors", metadata
+    return found
+
+
+def _torch_load(found: WeightFile, mmap: bool) -> dict[str, Any]:
+    import pickle
+
+    try:
+        content = torch.load(found.path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as exn:
+        if "weights_only" not in str(exn).lower():
+            raise found.error(f"is damaged ({_first_line(exn)})") from None
+        stem = os.path.splitext(found.path)[0]
+        raise found.error(
+            "needs pickle to load (it holds Python objects besides tensors, and unpickling can "
+            "run code), so it is refused",
+            CONVERT.format(path=found.path, stem=stem),
+        ) from None
+    except Exception as exn:  # noqa: BLE001 - truncated zips and the like
+        raise found.error(f"is damaged or incomplete ({_first_line(exn)})") from None
+    if not isinstance(content, dict):
+        raise found.error(f"holds a {type(content).__name__}, not a checkpoint dict")
+    return content
+
+
+def _first_line(exn: BaseException) -> str:
+    return (str(exn).strip().splitlines() or [type(exn).__name__])[0][:200]
+
+
+def _read_folder(path: str, option: str, expected: str) -> WeightFile:
+    from sd_lightning.resume import SHARDED_META
+
+    meta = os.path.join(path, SHARDED_META)
+    if not os.path.isfile(meta) or not os.path.isfile(os.path.join(path, ".metadata")):
+        raise WeightFileError(
+            option,
+            path,
+            f"is a folder but not a complete sharded checkpoint (no .metadata or {SHARDED_META})",
+            expected,
+        )
+    found = WeightFile(option, path, expected, kind="sharded")
+    inner = read_weight_file(meta, option, expected)
+    found.content = inner.content
+    return found

@@ -1,0 +1,138 @@
+"""Checks before anything is built: options a stage requires, the seed, the step limit, the files
+given (``ckpt_path=``, ``ckpt=``), a run directory that already holds another run's checkpoints,
+and sampling's values. Each error names the option and the fix.
+
+``python -m sd_lightning`` runs the stage's checks (``preflight:`` in ``conf/stage/``) before it
+imports Lightning, so a mistake costs a second, not a model build; the stages' entry functions
+run them too, for callers from Python.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from sd_lightning.errors import InputError
+
+PROMPTS_EXAMPLE = """prompts='["a red circle", "a blue square"]'"""
+LDM_HINT = "the checkpoints/last.ckpt of a stage=ldm run"
+
+SEED_MAX = 2**32 - 1  # numpy's limit, which Lightning's seed_everything enforces
+
+
+def require(cfg: DictConfig) -> None:
+    """Top-level values a stage marks ``???`` (``vae_ckpt``, ``ckpt``) must be given."""
+    for key in cfg:
+        if OmegaConf.is_missing(cfg, key):
+            raise InputError(
+                f"stage={cfg.get('stage')} needs {key}=... on the command line "
+                f"(see conf/stage/{cfg.get('stage')}.yaml for what it takes)"
+            )
+
+
+def check_seed(seed: object, option: str = "seed") -> None:
+    if seed is None:
+        return
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= SEED_MAX:
+        raise InputError(f"{option}={seed!r}: give a whole number from 0 to {SEED_MAX}")
+
+
+def check_training(cfg: DictConfig) -> None:
+    """The values and files a training run checks before it builds anything."""
+    require(cfg)
+    check_seed(cfg.get("seed"))
+    max_steps = cfg.trainer.get("max_steps", -1)
+    if max_steps is not None and (max_steps == 0 or max_steps < -1):
+        raise InputError(
+            f"trainer.max_steps={max_steps} trains nothing: give a positive number of steps, or "
+            "-1 for no step limit (trainer.max_epochs then ends the run)"
+        )
+    ckpt_path = cfg.get("ckpt_path")
+    if ckpt_path not in (None, "auto"):
+        check_resume_file(str(ckpt_path), cfg.get("stage"))
+    check_run_dir(cfg.paths.output_dir, ckpt_path)
+
+
+def check_resume_file(path: str, stage: str | None) -> str:
+    """``ckpt_path=<file>``: a checkpoint (file or sharded folder) of ``stage``; its path."""
+    from sd_lightning.files import read_weight_file
+
+    of = f"a stage={stage} run" if stage else "this stage"
+    expected = (
+        f"a checkpoint of {of} (<run dir>/checkpoints/last.ckpt), ckpt_path=auto to resume from "
+        "the run directory if it has one, or ckpt_path=null to start fresh"
+    )
+    found = read_weight_file(path, "ckpt_path", expected, mmap=True)
+    if stage is not None:
+        found.require_stage(stage, exports=False)
+    return found.path
+
+
+def check_run_dir(output_dir: str, ckpt_path: str | None) -> None:
+    """Refuse to start a second run in a run directory whose ``checkpoints/`` holds another run's:
+    both would write ``last.ckpt`` and ``export/``, and ``ckpt_path=auto`` would resume whichever
+    has the higher step. Resuming one of its own checkpoints (``auto``, or a path inside it) is
+    the same run and goes on."""
+    folder = os.path.join(output_dir, "checkpoints")
+    found = sorted(
+        n for n in (os.listdir(folder) if os.path.isdir(folder) else []) if n.endswith(".ckpt")
+    )
+    if not found or ckpt_path == "auto":
+        return
+    if ckpt_path is not None and os.path.dirname(os.path.abspath(ckpt_path)) == os.path.abspath(
+        folder
+    ):
+        return
+    shown = ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
+    start = "ckpt_path=null (start fresh)" if ckpt_path is None else f"ckpt_path={ckpt_path}"
+    raise InputError(
+        f"the run directory {output_dir} already holds another run's checkpoints ({shown}); "
+        f"{start} there would mix the two runs' checkpoints and exports. Start this run in a new "
+        "directory (hydra.run.dir=...), resume the one there with ckpt_path=auto, or remove "
+        f"{folder} first"
+    )
+
+
+def _strings(value: Any, option: str, example: str) -> list[str]:
+    """A string or a list of strings (Hydra gives ListConfigs), as a list."""
+    items = [value] if isinstance(value, str) else value
+    if not OmegaConf.is_list(items) and not isinstance(items, (list, tuple)):
+        raise InputError(f"{option}={value!r}: give a string or a list of strings, {example}")
+    items = list(items)
+    if not all(isinstance(p, str) for p in items):
+        raise InputError(f"{option}={value!r}: give a string or a list of strings, {example}")
+    return items
+
+
+def check_sampling(cfg: DictConfig) -> tuple[list[str], list[str] | str]:
+    """The prompts and negative prompt(s) of ``stage=sample``; every number and the checkpoint's
+    file checked, each error naming the option and the fix."""
+    require(cfg)
+    prompts = _strings(cfg.prompts, "prompts", PROMPTS_EXAMPLE)
+    if not prompts:
+        raise InputError(f"prompts is empty: give {PROMPTS_EXAMPLE}")
+    negative = cfg.negative_prompt if cfg.negative_prompt is not None else ""
+    negatives = _strings(negative, "negative_prompt", "one for all prompts or one per prompt")
+    if not isinstance(negative, str) and len(negatives) != len(prompts):
+        raise InputError(
+            f"negative_prompt has {len(negatives)} entries for {len(prompts)} prompts: give one "
+            "string for all prompts, or one per prompt"
+        )
+    for option, low in (("batch_size", 1), ("steps", 1)):
+        value = cfg.get(option)
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise InputError(f"{option}={value!r}: give a whole number of at least {low}")
+    if not isinstance(cfg.guidance, (int, float)) or cfg.guidance < 0:
+        raise InputError(f"guidance={cfg.guidance!r}: give a number >= 0 (1: no guidance)")
+    if cfg.seed is None:
+        raise InputError("seed=null: sampling needs a seed (image i starts from seed + i)")
+    check_seed(cfg.seed)
+    if int(cfg.seed) + len(prompts) - 1 > SEED_MAX:
+        raise InputError(f"seed={cfg.seed}: image i uses seed + i, which must stay <= {SEED_MAX}")
+    from sd_lightning.files import read_weight_file
+
+    found = read_weight_file(cfg.ckpt, "ckpt", LDM_HINT, mmap=True)
+    found.require_stage("ldm", exports=False)
+    return prompts, negative if isinstance(negative, str) else negatives

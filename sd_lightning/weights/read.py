@@ -1,0 +1,196 @@
+"""Stable Diffusion's weights as released, in our layout: original single files
+(``v1-5-pruned-emaonly.safetensors``, ``.ckpt`` through ``torch.load(weights_only=True)``),
+standalone VAE files (``vae-ft-mse-840000-ema-pruned.safetensors``) and diffusers folders (a whole
+pipeline with ``model_index.json``, or one component such as ``sd-vae-ft-mse``).
+
+Everything is opened through :func:`sd_lightning.files.read_weight_file`, so a missing, damaged
+or pickle-only file is the same clear error as anywhere else. Every key is accounted for: keys
+the target network lacks, or has and the file does not, are an error listing them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from sd_lightning.errors import InputError
+from sd_lightning.files import WeightFile, read_weight_file
+from sd_lightning.weights import configs, layouts
+
+PREFIX = layouts.ORIGINAL_PREFIX
+EMA_PREFIX = "model_ema."
+WEIGHT_NAMES = ("diffusion_pytorch_model", "model")  # diffusers' and transformers' file stems
+
+
+@dataclass
+class Part:
+    """One network of a Stable Diffusion release: our constructor's arguments and its weights
+    in our names."""
+
+    config: dict[str, Any]
+    state: dict[str, torch.Tensor]
+    family: str | None = None
+    source: str = ""
+    latent_scale: float | None = None  # a VAE's: its family's scaling factor
+
+
+# -- files and folders ----------------------------------------------------------------------------
+def _tensors(found: WeightFile) -> dict[str, torch.Tensor]:
+    if found.kind == "safetensors":
+        return found.tensors()
+    state = found.content.get("state_dict", found.content)
+    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def _component_weights(folder: str, option: str, expected: str) -> dict[str, torch.Tensor]:
+    """The tensors of a diffusers/transformers component folder: one file, or shards with an
+    ``.index.json``; safetensors first, ``.bin`` (weights_only) otherwise."""
+    for stem in WEIGHT_NAMES:
+        for ext in ("safetensors", "bin"):
+            index = os.path.join(folder, f"{stem}.{ext}.index.json")
+            if os.path.isfile(index):
+                with open(index) as f:
+                    files = sorted(set(json.load(f)["weight_map"].values()))
+                state: dict[str, torch.Tensor] = {}
+                for name in files:
+                    state.update(
+                        _tensors(read_weight_file(os.path.join(folder, name), option, expected))
+                    )
+                return state
+            path = os.path.join(folder, f"{stem}.{ext}")
+            if os.path.isfile(path):
+                return _tensors(read_weight_file(path, option, expected))
+    raise InputError(
+        f"{option}={folder!r} has no diffusion_pytorch_model.safetensors/.bin (or model.*): give "
+        f"{expected}"
+    )
+
+
+def _read_json(path: str) -> dict[str, Any]:
+    with open(path) as f:
+        return json.load(f)
+
+
+def _diffusers_part(folder: str, kind: str, option: str, expected: str) -> Part:
+    """A diffusers ``unet/`` or ``vae/`` folder in our names (every key accounted for)."""
+    config_path = os.path.join(folder, "config.json")
+    if not os.path.isfile(config_path):
+        raise InputError(f"{option}={folder!r} has no config.json: give {expected}")
+    d = _read_json(config_path)
+    where = f"{option}={folder!r}"
+    if kind == "unet":
+        config = configs.unet_config_from_diffusers(d, where)
+        blocks = layouts.unet_blocks(config)
+        family = next(
+            (f for f, v in configs.FAMILIES.items() if v["context_dim"] == config["context_dim"]),
+            None,
+        )
+    else:
+        config, family = configs.vae_config_from_diffusers(d), None
+        blocks = layouts.vae_blocks(config)
+    state = _component_weights(folder, option, expected)
+    ours, unknown = layouts.convert(state, blocks, to_diffusers=False)
+    if unknown:
+        raise InputError(f"{where}: {len(unknown)} keys fit no {kind} block: {_listed(unknown)}")
+    scale = float(d.get("scaling_factor", configs.LATENT_SCALE)) if kind == "vae" else None
+    return Part(config, ours, family, folder, scale)
+
+
+def _listed(keys: list[str], n: int = 5) -> str:
+    return ", ".join(sorted(keys)[:n]) + (f" and {len(keys) - n} more" if len(keys) > n else "")
+
+
+def _ema_weights(state: dict[str, torch.Tensor], names: list[str]) -> dict[str, torch.Tensor]:
+    """The U-Net's EMA copy in an original single file, under the online weights' ``names``:
+    SD stores it as ``model_ema.`` + ``diffusion_model.<name>`` with the dots removed."""
+    flat = {("diffusion_model." + name).replace(".", ""): name for name in names}
+    return {
+        flat[k[len(EMA_PREFIX) :]]: v
+        for k, v in state.items()
+        if k.startswith(EMA_PREFIX) and k[len(EMA_PREFIX) :] in flat
+    }
+
+
+def _file_or_folder(path: str, kind: str, option: str, expected: str) -> tuple:
+    """``(Part, None)`` for a diffusers folder (a pipeline's ``<kind>/`` or the component
+    itself), or ``(None, (all tensors, those under the single-file prefix of kind))``."""
+    if os.path.isdir(path):
+        sub = os.path.join(path, kind)
+        folder = sub if os.path.isdir(sub) else path
+        return _diffusers_part(folder, kind, option, expected), None
+    state = _tensors(read_weight_file(path, option, expected))
+    prefix = PREFIX[kind]
+    return None, (state, {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
+
+
+# -- the public readers ---------------------------------------------------------------------------
+def read_sd_unet(path: str, option: str, expected: str, use_ema: bool = False) -> Part:
+    """The U-Net of a single file or a diffusers pipeline / ``unet/`` folder."""
+    part, found = _file_or_folder(path, "unet", option, expected)
+    if part is not None:
+        return part
+    state, unet = found
+    prefix = PREFIX["unet"]
+    if not unet:
+        raise InputError(
+            f"{option}={path!r} holds no SD U-Net (no {prefix}* keys; a VAE-only file?): give "
+            f"{expected}"
+        )
+    if use_ema:
+        ema = _ema_weights(state, list(unet))
+        if len(ema) != len(unet):
+            raise InputError(
+                f"{option}={path!r} has EMA weights for {len(ema)} of the U-Net's {len(unet)} "
+                "tensors (an -emaonly or pruned file keeps only one copy): leave the EMA option off"
+            )
+        unet = ema
+    family, config = configs.unet_config_from_weights(unet, f"{option}={path!r}")
+    return Part(config, unet, family, path)
+
+
+def read_sd_vae(path: str, option: str, expected: str) -> Part:
+    """The VAE of a single file, a standalone VAE file, or a diffusers pipeline / ``vae/``
+    folder, with its family's latent scale."""
+    where = f"{option}={path!r}"
+    part, found = _file_or_folder(path, "vae", option, expected)
+    if part is not None:
+        return part
+    state, vae = found
+    prefix = PREFIX["vae"]
+    if not vae and "encoder.conv_in.weight" in state:  # a standalone VAE file
+        vae = {k: v for k, v in state.items() if not k.startswith(("model_ema.", "loss."))}
+    if not vae:
+        raise InputError(
+            f"{where} holds no SD VAE (no {prefix}* or encoder.* keys): give {expected}"
+        )
+    if "encoder.down_blocks.0.resnets.0.conv1.weight" in vae:  # one diffusers-named file
+        raise InputError(
+            f"{where} is a diffusers-named VAE file: give its folder (with config.json)"
+        )
+    config = configs.vae_config_from_weights(vae, where)
+    return Part(config, vae, None, path, configs.LATENT_SCALE)
+
+
+def check_keys(module: torch.nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+    """Every key accounted for, with the right shapes: else an error listing what differs."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing ({_listed(missing)})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected ({_listed(unexpected)})")
+    if shapes:
+        problems.append(f"{len(shapes)} of another shape ({_listed(shapes)})")
+    if problems:
+        raise InputError(f"{where} does not fit the network it describes: " + "; ".join(problems))

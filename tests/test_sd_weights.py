@@ -1,0 +1,283 @@
+"""Stable Diffusion's weights in our networks: diffusers folders written by diffusers itself
+(``save_pretrained``), original single files, standalone VAE files. Outputs are compared with
+diffusers' own modules (the oracle, test-only), at tiny sizes with SD's layouts: four levels,
+SD 1's 8 heads with attention at level 0 and two transformer layers, SD 2's linear projections
+and 64-wide heads."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from sd_lightning.checkpoints import load_vae
+from sd_lightning.errors import InputError
+from sd_lightning.models import AutoencoderKL, UNetModel
+from sd_lightning.weights import layouts
+from sd_lightning.weights.configs import unet_diffusers_config, vae_diffusers_config
+from sd_lightning.weights.layouts import to_original
+from sd_lightning.weights.read import check_keys, read_sd_unet, read_sd_vae
+
+diffusers = pytest.importorskip("diffusers")
+
+HINT = "SD weights"
+# SD 1.x and 2.x at a tenth of their width: every structural feature, seconds on a CPU
+UNETS = {
+    "sd1": dict(
+        model_channels=32,
+        channel_mult=[1, 2, 2, 2],
+        num_res_blocks=2,
+        attention_levels=[0, 1, 2],
+        num_heads=8,
+        num_head_channels=-1,
+        transformer_depth=2,
+        context_dim=768,
+        use_linear_in_transformer=False,
+        norm_groups=32,
+    ),
+    "sd2": dict(
+        model_channels=64,
+        channel_mult=[1, 1, 2, 2],
+        num_res_blocks=1,
+        attention_levels=[0, 1, 2],
+        num_heads=-1,
+        num_head_channels=64,
+        transformer_depth=1,
+        context_dim=1024,
+        use_linear_in_transformer=True,
+        norm_groups=32,
+    ),
+}
+VAE = dict(ch=32, ch_mult=[1, 2, 2, 2], num_res_blocks=2, z_channels=4, embed_dim=4)
+
+
+def _randomize(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Zero-initialised layers would hide mistakes: every weight random."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return module.eval()
+
+
+def _unet_inputs(context: int):
+    g = torch.Generator().manual_seed(1)
+    return (
+        torch.randn(2, 4, 16, 16, generator=g),
+        torch.tensor([10, 900]),
+        torch.randn(2, 7, context, generator=g),
+    )
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2"])
+def test_a_diffusers_unet_folder_gives_the_same_outputs(tmp_path, family):
+    ours_cfg = {"in_channels": 4, "out_channels": 4, **UNETS[family]}
+    theirs = _randomize(diffusers.UNet2DConditionModel(**unet_diffusers_config(ours_cfg, 16)))
+    theirs.save_pretrained(tmp_path / "pipe" / "unet")  # diffusers writes the folder
+    part = read_sd_unet(str(tmp_path / "pipe"), "pretrained", HINT)
+    assert part.family == family
+    assert part.config == {**ours_cfg, "norm_groups": 32}
+    ours = UNetModel(**part.config).eval()
+    check_keys(ours, part.state, "test")
+    ours.load_state_dict(part.state)
+    x, t, ctx = _unet_inputs(UNETS[family]["context_dim"])
+    with torch.no_grad():
+        expected = theirs(x, t, encoder_hidden_states=ctx).sample
+        got = ours(x, t, ctx)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+
+    # and back: our names -> diffusers' load into diffusers' model with nothing left over
+    back, unknown = layouts.convert(ours.state_dict(), layouts.unet_blocks(ours.config), True)
+    assert not unknown
+    assert theirs.load_state_dict(back, strict=True)
+
+
+@pytest.mark.parametrize("old_names", [False, True], ids=["current", "pre-0.14-names"])
+def test_a_diffusers_vae_folder_works_as_vae_ckpt_with_the_family_scale(tmp_path, old_names):
+    theirs = _randomize(
+        diffusers.AutoencoderKL(
+            **vae_diffusers_config({**AutoencoderKL(**VAE).config, "resolution": 32})
+        )
+    )
+    folder = tmp_path / "sd-vae-ft-mse"
+    theirs.save_pretrained(folder, safe_serialization=not old_names)  # .bin for the old one
+    if old_names:  # how diffusers before 0.14 named the attention
+        path = folder / "diffusion_pytorch_model.bin"
+        state = torch.load(path, weights_only=True)
+        renames = {"to_q.": "query.", "to_k.": "key.", "to_v.": "value.", "to_out.0.": "proj_attn."}
+        for old, new in renames.items():
+            state = {
+                k.replace(f"attentions.0.{old}", f"attentions.0.{new}"): v for k, v in state.items()
+            }
+        torch.save(state, path)
+    vae = load_vae(str(folder))
+    assert vae.scaling_factor == pytest.approx(0.18215)
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(
+            vae.encode(x).mean, theirs.encode(x).latent_dist.mean, atol=1e-5, rtol=1e-4
+        )
+        z = torch.randn(1, 4, 4, 4)
+        torch.testing.assert_close(vae.decode(z), theirs.decode(z).sample, atol=1e-5, rtol=1e-4)
+
+
+def _single_file(tmp_path, family: str, ema: bool) -> tuple:
+    """An original single file (CompVis names, diffusers' converters read it) of random tiny
+    SD-layout networks, with or without SD's ``model_ema.`` copy."""
+    unet = _randomize(UNetModel(**UNETS[family]), seed=1)
+    vae = _randomize(AutoencoderKL(**VAE), seed=2)
+    state = {**to_original(unet.state_dict(), "unet"), **to_original(vae.state_dict(), "vae")}
+    if ema:
+        shadow = _randomize(UNetModel(**UNETS[family]), seed=3)
+        for name, value in shadow.state_dict().items():
+            state["model_ema." + ("diffusion_model." + name).replace(".", "")] = value
+        state["model_ema.decay"] = torch.tensor(0.9999)
+        state["model_ema.num_updates"] = torch.tensor(1000)
+    path = tmp_path / f"{family}.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, path)
+    return path, unet, vae, shadow if ema else None
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2"])
+def test_a_single_file_is_read_with_the_layout_its_weights_show(tmp_path, family):
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+    path, unet, vae, shadow = _single_file(tmp_path, family, ema=True)
+    part = read_sd_unet(str(path), "ckpt", HINT)
+    assert part.family == family and part.config == {**unet.config}
+    ours = UNetModel(**part.config).eval()
+    check_keys(ours, part.state, "test")
+    ours.load_state_dict(part.state)
+    # the oracle: diffusers' own converter reads the same file
+    from safetensors.torch import load_file
+
+    config = unet_diffusers_config(part.config, 16)
+    theirs = diffusers.UNet2DConditionModel(**config).eval()
+    theirs.load_state_dict(convert_ldm_unet_checkpoint(load_file(path), config), strict=True)
+    x, t, ctx = _unet_inputs(part.config["context_dim"])
+    with torch.no_grad():
+        torch.testing.assert_close(
+            ours(x, t, ctx), theirs(x, t, encoder_hidden_states=ctx).sample, atol=1e-5, rtol=1e-4
+        )
+    ema = read_sd_unet(str(path), "ckpt", HINT, use_ema=True)
+    assert all(torch.equal(ema.state[k], v) for k, v in shadow.state_dict().items())
+    sd_vae = read_sd_vae(str(path), "vae_ckpt", HINT)
+    assert sd_vae.config == {**vae.config, "resolution": 512} and sd_vae.latent_scale == 0.18215
+    assert all(torch.equal(sd_vae.state[k], v) for k, v in vae.state_dict().items())
+
+
+def test_bad_sd_files_name_the_file_and_what_was_found(tmp_path):
+    path, *_ = _single_file(tmp_path, "sd1", ema=False)
+    with pytest.raises(InputError, match="has EMA weights for 0 of the U-Net's"):
+        read_sd_unet(str(path), "ckpt", HINT, use_ema=True)
+    vae_only = tmp_path / "vae.safetensors"
+    save_file({k: v.contiguous() for k, v in AutoencoderKL(**VAE).state_dict().items()}, vae_only)
+    with pytest.raises(InputError, match=r"holds no SD U-Net \(no model.diffusion_model.\* keys"):
+        read_sd_unet(str(vae_only), "pretrained", HINT)
+    assert read_sd_vae(str(vae_only), "vae_ckpt", HINT).config["ch"] == 32  # a standalone VAE
+    sdxl = {**to_original(UNetModel(**{**UNETS["sd1"], "context_dim": 2048}).state_dict(), "unet")}
+    save_file({k: v.contiguous() for k, v in sdxl.items()}, tmp_path / "xl.safetensors")
+    with pytest.raises(InputError, match="2048-d text context: SD 1.x has 768, SD 2.x 1024"):
+        read_sd_unet(str(tmp_path / "xl.safetensors"), "ckpt", HINT)
+    folder = tmp_path / "xl"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"addition_embed_type": "text_time"}))
+    with pytest.raises(InputError, match="addition_embed_type='text_time' .SDXL"):
+        read_sd_unet(str(folder), "ckpt", HINT)
+    unet = UNetModel(**UNETS["sd1"])
+    partial = {k: v for k, v in unet.state_dict().items() if not k.startswith("out.2")}
+    with pytest.raises(InputError, match=r"2 missing \(out.2.bias, out.2.weight\); 1 unexpected"):
+        check_keys(unet, {**partial, "extra.weight": torch.zeros(1)}, "x")
+
+
+@pytest.mark.parametrize("preset", ["sd15", "sd2"])
+def test_full_size_layouts_map_every_key_both_ways_without_allocating(preset):
+    from conftest import CONF
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(CONF / "unet" / f"{preset}.yaml")
+    if "defaults" in cfg:
+        cfg = OmegaConf.merge(
+            OmegaConf.load(CONF / "unet" / "sd15.yaml"),
+            {k: v for k, v in cfg.items() if k != "defaults"},
+        )
+    with torch.device("meta"):
+        ours = instantiate(cfg)
+        theirs = diffusers.UNet2DConditionModel(**unet_diffusers_config(ours.config, 64))
+        vae = AutoencoderKL(
+            ch=128, ch_mult=[1, 2, 4, 4], num_res_blocks=2, z_channels=4, embed_dim=4
+        )
+        dvae = diffusers.AutoencoderKL(**vae_diffusers_config(vae.config))
+    for mine, other, blocks in (
+        (ours, theirs, layouts.unet_blocks(ours.config)),
+        (vae, dvae, layouts.vae_blocks(vae.config)),
+    ):
+        there, unknown = layouts.convert(mine.state_dict(), blocks, to_diffusers=True)
+        assert not unknown
+        expected = {k: tuple(v.shape) for k, v in other.state_dict().items()}
+        assert {k: tuple(v.shape) for k, v in there.items()} == expected
+        back, unknown = layouts.convert(other.state_dict(), blocks, to_diffusers=False)
+        assert not unknown
+        assert {k: tuple(v.shape) for k, v in back.items()} == {
+            k: tuple(v.shape) for k, v in mine.state_dict().items()
+        }
+
+
+def test_stage2_trains_on_sds_vae_with_the_familys_latent_scale(tmp_path, data_dir):
+    from conftest import LDM_TINY, compose_config
+
+    from sd_lightning.train import train
+
+    config = {**AutoencoderKL(**VAE).config, "resolution": 32}
+    _randomize(diffusers.AutoencoderKL(**vae_diffusers_config(config))).save_pretrained(
+        tmp_path / "vae"
+    )
+    run = tmp_path / "run"
+    train(
+        compose_config(
+            [*LDM_TINY, f"vae_ckpt={tmp_path / 'vae'}", "trainer.max_steps=1"], run, data_dir
+        )
+    )
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert float(ckpt["state_dict"]["latent_scale"]) == pytest.approx(0.18215)  # not estimated
+    assert ckpt["sd_lightning"]["vae_config"]["ch_mult"] == [1, 2, 2, 2]  # sampling rebuilds it
+
+
+def test_clip_text_model_weights_run_in_openclips_tower_with_the_same_states():
+    transformers = pytest.importorskip("transformers")
+    from open_clip.transformer import QuickGELU, TextTransformer
+
+    from sd_lightning.weights.clip import hf_from_openclip, openclip_from_hf
+
+    cfg = transformers.CLIPTextConfig(
+        vocab_size=1000,
+        hidden_size=32,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        max_position_embeddings=16,
+        hidden_act="quick_gelu",  # CLIP ViT-L/14's, as OpenAI trained it
+    )
+    theirs = _randomize(transformers.CLIPTextModel(cfg))
+    state = theirs.state_dict()
+    tower = TextTransformer(
+        context_length=16, vocab_size=1000, width=32, heads=4, layers=3, act_layer=QuickGELU
+    ).eval()
+    converted = openclip_from_hf(state, "test")
+    missing, unexpected = tower.load_state_dict(converted, strict=False)
+    assert not unexpected and set(missing) == {"text_projection"}  # SD uses the token states
+    tokens = torch.randint(1, 1000, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = theirs(input_ids=tokens).last_hidden_state
+        x = tower.token_embedding(tokens) + tower.positional_embedding
+        for block in tower.transformer.resblocks:
+            x = block(x, attn_mask=tower.attn_mask)
+        got = tower.ln_final(x)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+    back = hf_from_openclip(converted)  # SD 1's single-file names
+    plain = {k.removeprefix("text_model."): v for k, v in state.items()}
+    assert {k.removeprefix("text_model.") for k in back} == set(plain) - {"embeddings.position_ids"}
+    assert all(torch.equal(v, plain[k.removeprefix("text_model.")]) for k, v in back.items())
