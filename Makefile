@@ -48,7 +48,7 @@ demo: $(STAMP) ## the whole pipeline on the embedded demo data: VAE, latent diff
 	  vae_ckpt=$(DEMO_DIR)/vae/checkpoints/last.ckpt
 	$(BIN)/python -m sd_lightning stage=sample hydra.run.dir=$(DEMO_DIR)/samples \
 	  ckpt=$(DEMO_DIR)/ldm/checkpoints/last.ckpt $(DEMO_PROMPTS) steps=25 guidance=5.0
-	$(BIN)/python -m sd_lightning.data.demo score $(DEMO_DIR)/samples
+	$(BIN)/python -m sd_lightning.data.score $(DEMO_DIR)/samples
 	@echo "demo images: $(DEMO_DIR)/samples (grid.png); runs: $(DEMO_DIR)/{vae,ldm}"
 
 bench-data: $(STAMP) ## data-loading and stage-2 step benchmark -> docs/benchmarks/data_loading.md

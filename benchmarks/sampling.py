@@ -37,6 +37,7 @@ from harness import (  # noqa: E402
 
 from sd_lightning.diffusion.guidance import generate, initial_noise  # noqa: E402
 from sd_lightning.systems.ldm import make_alphas_cumprod  # noqa: E402
+from sd_lightning.weights.pipeline import SD_SCHEDULER  # noqa: E402
 
 SD_LATENT_SCALE = 0.18215
 
@@ -103,15 +104,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     dtype = torch.bfloat16 if amp else torch.float32
     unet_lp = copy.deepcopy(unet).to(dtype)
     vae_lp = copy.deepcopy(vae).to(dtype)
-    scheduler = diffusers.DDIMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
+    scheduler = diffusers.DDIMScheduler(**SD_SCHEDULER)
     theirs_vae.config.scaling_factor = SD_LATENT_SCALE
     pipe = diffusers.StableDiffusionPipeline(
         vae=theirs_vae,

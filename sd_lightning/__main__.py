@@ -27,6 +27,7 @@ from hydra.utils import get_method
 from omegaconf import DictConfig
 
 import sd_lightning  # noqa: F401 - registers the config resolvers
+from sd_lightning.console import tidy_console
 from sd_lightning.errors import InputError
 
 # `key=/data/{000000..012345}.tar`: a WebDataset brace pattern, which Hydra's override grammar would
@@ -56,6 +57,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     try:
         if cfg.get("preflight"):  # the stage's checks, before its imports (Lightning: seconds)
             get_method(cfg.preflight)(cfg)
+        tidy_console()
         metrics = get_method(cfg.entry)(cfg)
     except Exception as exn:
         cause = input_error(exn)

@@ -17,7 +17,10 @@ from omegaconf import DictConfig, OmegaConf
 from sd_lightning.errors import InputError
 
 PROMPTS_EXAMPLE = """prompts='["a red circle", "a blue square"]'"""
-LDM_HINT = "the checkpoints/last.ckpt of a stage=ldm run"
+LDM_HINT = (
+    "the checkpoints/last.ckpt of a stage=ldm run, or Stable Diffusion's weights (a single file "
+    "or a diffusers folder)"
+)
 
 SEED_MAX = 2**32 - 1  # numpy's limit, which Lightning's seed_everything enforces
 
@@ -131,8 +134,19 @@ def check_sampling(cfg: DictConfig) -> tuple[list[str], list[str] | str]:
     check_seed(cfg.seed)
     if int(cfg.seed) + len(prompts) - 1 > SEED_MAX:
         raise InputError(f"seed={cfg.seed}: image i uses seed + i, which must stay <= {SEED_MAX}")
+    check_sampling_source(str(cfg.ckpt))
+    return prompts, negative if isinstance(negative, str) else negatives
+
+
+def check_sampling_source(path: str) -> bool:
+    """``ckpt=`` for sampling: a stage-2 checkpoint of ours (True), or Stable Diffusion's weights
+    (False: a file without our stage record, or a diffusers folder; read in full later)."""
     from sd_lightning.files import read_weight_file
 
-    found = read_weight_file(cfg.ckpt, "ckpt", LDM_HINT, mmap=True)
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "meta.pt")):
+        return False  # a diffusers folder (a folder of ours has its meta.pt)
+    found = read_weight_file(path, "ckpt", LDM_HINT, mmap=True)
+    if found.stage is None:
+        return False
     found.require_stage("ldm", exports=False)
-    return prompts, negative if isinstance(negative, str) else negatives
+    return True

@@ -18,16 +18,23 @@ from omegaconf import DictConfig, OmegaConf
 
 from sd_lightning.checkpoints import read_checkpoint
 from sd_lightning.errors import InputError
-from sd_lightning.preflight import LDM_HINT, check_sampling
+from sd_lightning.preflight import LDM_HINT, check_sampling, check_sampling_source
 from sd_lightning.systems.images import save_png, to_uint8
 from sd_lightning.systems.ldm import LatentDiffusionSystem, sample_grid
 
 log = logging.getLogger(__name__)
 
 
-def load_ldm(path: str, key: str = "ckpt") -> LatentDiffusionSystem:
-    """Rebuild the stage-2 system from its checkpoint alone: the U-Net, EMA and frozen VAE from
-    the saved state, the text encoder from the saved config (its own weights)."""
+def load_ldm(
+    path: str, key: str = "ckpt", prediction: str | None = None, use_ema: bool = True
+) -> LatentDiffusionSystem:
+    """Rebuild the stage-2 system from its checkpoint alone (the U-Net, EMA and frozen VAE from
+    the saved state, the text encoder from the saved config), or from Stable Diffusion's weights
+    (``prediction`` and ``use_ema``: see :func:`load_sd_system`)."""
+    if not check_sampling_source(str(path)):
+        from sd_lightning.weights.pipeline import load_sd_system
+
+        return load_sd_system(str(path), key, prediction, "auto" if use_ema else False)
     checkpoint = read_checkpoint(path, "ldm", key, LDM_HINT)
     meta = checkpoint["sd_lightning"]
     model_cfg: dict[str, Any] = dict(meta["config"]["model"])
@@ -57,7 +64,7 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
     prompts, negative = check_sampling(cfg)
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = sampling_dtype(cfg.get("dtype", "auto"), device)
-    system = load_ldm(cfg.ckpt)
+    system = load_ldm(cfg.ckpt, prediction=cfg.get("prediction"), use_ema=cfg.use_ema)
     if cfg.image_size is not None:
         system.check_image_size(int(cfg.image_size), "image_size")
     system = system.to(device)

@@ -73,6 +73,9 @@ def test_a_run_dir_holding_another_run_is_not_mixed(tmp_path, vae_ckpt):
     args = ["stage=vae", *CLI_TINY, f"paths.data_dir={tmp_path}", f"hydra.run.dir={run}"]
     first = run_cli(*args, "trainer.max_steps=1")
     assert first.returncode == 0, first.stderr[-3000:]
+    console = first.stdout + first.stderr  # one line per event, nothing the user cannot act on
+    assert console.count("GPU available: ") == 1
+    assert "litlogger" not in console and "srun" not in console and "LeafSpec" not in console
     files = [run / "checkpoints" / "last.ckpt", run / "export" / "vae.safetensors"]
     kept = [p.read_bytes() for p in files]
     cases = [

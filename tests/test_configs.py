@@ -112,6 +112,10 @@ def test_text_encoder_options_compose_and_the_real_one_is_wired_to_open_clip(cfg
     )
     with pytest.raises(Exception, match="no such file"):
         instantiate(cfg.text_encoder)
+    # SD 1's CLIP ViT-L: 768-d like unet=sd15, padded with end-of-text (weights: test_sd_weights)
+    cfg = cfg_factory("stage=ldm", "text_encoder=clip_vit_l", "unet=sd15", tiny=False)
+    assert cfg.text_encoder.name == "ViT-L-14" and cfg.text_encoder.pad == "eot"
+    assert cfg.unet.context_dim == 768 and cfg.text_encoder.layer == "last"
 
 
 def test_unknown_stage_is_a_clear_error(cfg_factory):

@@ -18,6 +18,7 @@ from sd_lightning.models import AutoencoderKL, UNetModel
 from sd_lightning.weights import layouts
 from sd_lightning.weights.configs import unet_diffusers_config, vae_diffusers_config
 from sd_lightning.weights.layouts import to_original
+from sd_lightning.weights.pipeline import SD_SCHEDULER
 from sd_lightning.weights.read import check_keys, read_sd_unet, read_sd_vae
 
 diffusers = pytest.importorskip("diffusers")
@@ -281,3 +282,142 @@ def test_clip_text_model_weights_run_in_openclips_tower_with_the_same_states():
     plain = {k.removeprefix("text_model."): v for k, v in state.items()}
     assert {k.removeprefix("text_model.") for k in back} == set(plain) - {"embeddings.position_ids"}
     assert all(torch.equal(v, plain[k.removeprefix("text_model.")]) for k, v in back.items())
+
+
+def _clip(transformers, layers: int = 2):
+    cfg = transformers.CLIPTextConfig(
+        vocab_size=49408,  # the tokenizer's ids
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=1,  # 64-wide heads, as every CLIP text tower SD uses
+        max_position_embeddings=77,
+        hidden_act="quick_gelu",
+    )
+    return _randomize(transformers.CLIPTextModel(cfg))
+
+
+def test_sd1_text_encoder_from_a_folder_or_a_single_file_equals_transformers(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from sd_lightning.models import OpenCLIPTextEncoder
+
+    theirs = _clip(transformers)
+    theirs.save_pretrained(tmp_path / "pipe" / "text_encoder")
+    (tmp_path / "pipe" / "model_index.json").write_text("{}")
+    single = {
+        "cond_stage_model.transformer.text_model." + k.removeprefix("text_model."): v
+        for k, v in theirs.state_dict().items()
+    }
+    save_file({k: v.contiguous() for k, v in single.items()}, tmp_path / "sd1.safetensors")
+    prompts = ["a photo of an astronaut riding a horse!", "a red circle"]
+    for source in (tmp_path / "pipe", tmp_path / "sd1.safetensors"):
+        ours = OpenCLIPTextEncoder(pretrained=str(source), layer="auto")
+        assert ours.pad_eot and ours.skip == 0  # SD 1: end-of-text padding, last layer
+        tokens = ours.tokenizer(prompts)
+        eot = ours.tokenizer.eot_token_id
+        assert (tokens == 0).any()  # "!" is token 0: only what follows end-of-text is padding
+        padded = torch.where((tokens == eot).cumsum(-1) > 0, eot, tokens)
+        with torch.no_grad():
+            expected = theirs(input_ids=padded).last_hidden_state
+            torch.testing.assert_close(ours(prompts), expected, atol=1e-5, rtol=1e-4)
+
+
+def test_sd2_text_encoder_from_a_single_file_reads_openclips_names_at_the_penultimate_layer(
+    tmp_path,
+):
+    from open_clip.transformer import TextTransformer
+
+    from sd_lightning.models import OpenCLIPTextEncoder
+
+    tower = _randomize(TextTransformer(width=64, heads=1, layers=3, output_dim=64))
+    state = {"cond_stage_model.model." + k: v for k, v in tower.state_dict().items()}
+    state["cond_stage_model.model.logit_scale"] = torch.tensor(4.6)  # in SD 2 files, unused
+    save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "sd2.safetensors")
+    ours = OpenCLIPTextEncoder(pretrained=str(tmp_path / "sd2.safetensors"), layer="auto")
+    assert not ours.pad_eot and ours.skip == 1  # SD 2: zero padding, penultimate layer
+    prompts = ["a photo of an astronaut riding a horse", "a red circle"]
+    tokens = ours.tokenizer(prompts)
+    with torch.no_grad():
+        x = tower.token_embedding(tokens) + tower.positional_embedding
+        for block in tower.transformer.resblocks[:-1]:
+            x = block(x, attn_mask=tower.attn_mask)
+        torch.testing.assert_close(ours(prompts), tower.ln_final(x), atol=1e-5, rtol=1e-4)
+
+
+def _pipeline_folder(tmp_path):
+    """A tiny SD 1-like diffusers pipeline folder written by diffusers and transformers."""
+    transformers = pytest.importorskip("transformers")
+    folder = tmp_path / "tiny-sd"
+    unet_cfg = {"in_channels": 4, "out_channels": 4, **UNETS["sd1"], "context_dim": 64}
+    unet = _randomize(diffusers.UNet2DConditionModel(**unet_diffusers_config(unet_cfg, 8)), 1)
+    vae_cfg = {**AutoencoderKL(**VAE).config, "resolution": 32}
+    vae = _randomize(diffusers.AutoencoderKL(**vae_diffusers_config(vae_cfg)), 2)
+    text = _clip(transformers)
+    scheduler = diffusers.DDIMScheduler(**SD_SCHEDULER)
+    for name, part in (
+        ("unet", unet),
+        ("vae", vae),
+        ("text_encoder", text),
+        ("scheduler", scheduler),
+    ):
+        part.save_pretrained(folder / name)
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    return folder, unet, vae, text, scheduler
+
+
+def test_sampling_from_a_diffusers_folder_equals_stable_diffusion_pipeline(tmp_path):
+    from sd_lightning.diffusion.guidance import initial_noise
+    from sd_lightning.sample import load_ldm
+
+    folder, unet, vae, text, scheduler = _pipeline_folder(tmp_path)
+    system = load_ldm(str(folder))
+    assert system.run_config["data"]["image_size"] == 64  # the U-Net's sample_size x 8
+    assert float(system.latent_scale) == pytest.approx(0.18215)
+    prompt = "a red circle at the top left"
+    ours = system.sample_images([prompt], seeds=[0], sampler="ddim", steps=4, guidance=3.0)
+
+    def embed(caption: str) -> torch.Tensor:  # SD 1's tokens: padded with end-of-text
+        tokens = system.text_encoder.net.tokenizer([caption])
+        eot = system.text_encoder.net.tokenizer.eot_token_id
+        with torch.no_grad():
+            return text(input_ids=torch.where((tokens == eot).cumsum(-1) > 0, eot, tokens))[0]
+
+    pipe = diffusers.StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=None,
+        tokenizer=None,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        theirs = pipe(
+            prompt_embeds=embed(prompt),
+            negative_prompt_embeds=embed(""),
+            latents=initial_noise([0], (4, 8, 8), "cpu", torch.float32),
+            num_inference_steps=4,
+            guidance_scale=3.0,
+            output_type="pt",
+            return_dict=False,
+        )[0]
+    torch.testing.assert_close(ours, theirs * 2 - 1, atol=1e-4, rtol=1e-4)
+
+
+def test_stage_sample_takes_a_diffusers_folder_on_the_command_line(tmp_path):
+    from conftest import run_cli
+    from PIL import Image
+
+    folder, *_ = _pipeline_folder(tmp_path)
+    out = run_cli(
+        "stage=sample",
+        f"ckpt={folder}",
+        "prompts=['a red circle','a blue square']",
+        "steps=2",
+        f"hydra.run.dir={tmp_path / 'samples'}",
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    pngs = sorted((tmp_path / "samples").glob("0*.png"))
+    assert len(pngs) == 2 and Image.open(pngs[0]).size == (64, 64)  # the folder's own size

@@ -191,13 +191,12 @@ def prompt_following(images: list[np.ndarray], prompts: list[str]) -> dict[str, 
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m sd_lightning.data.demo score DIR``: prompt following of ``stage=sample`` PNGs
+    """``python -m sd_lightning.data.score DIR``: prompt following of ``stage=sample`` PNGs
     (their file names carry the prompts)."""
     import argparse
     import glob
 
-    parser = argparse.ArgumentParser(prog="python -m sd_lightning.data.demo")
-    parser.add_argument("command", choices=["score"])
+    parser = argparse.ArgumentParser(prog="python -m sd_lightning.data.score")
     parser.add_argument("folder")
     args = parser.parse_args(argv)
     paths = sorted(p for p in glob.glob(os.path.join(args.folder, "*.png")) if "grid" not in p)
@@ -209,7 +208,3 @@ def main(argv: list[str] | None = None) -> None:
         f"prompt following in {args.folder}: colour {c[0]}/{c[1]} (chance 1/{len(COLORS)}), "
         f"position {p[0]}/{p[1]} (chance 1/{len(POSITIONS)})"
     )
-
-
-if __name__ == "__main__":
-    main()

@@ -24,6 +24,7 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 LAYERS = {"last": 0, "penultimate": 1}
+SD_HINT = "Stable Diffusion weights (a single file, or a diffusers folder with text_encoder/)"
 
 
 class OpenCLIPTextEncoder(nn.Module):
@@ -31,8 +32,14 @@ class OpenCLIPTextEncoder(nn.Module):
 
     Args:
         name: OpenCLIP architecture (``ViT-H-14`` for SD 2.x).
-        pretrained: OpenCLIP tag (``laion2b_s32b_b79k``) or a local weights file.
-        layer: ``"penultimate"`` (SD 2.x), ``"last"``, or the number of final blocks to skip.
+        pretrained: OpenCLIP tag (``laion2b_s32b_b79k``, ``openai``), a local OpenCLIP weights
+            file, or Stable Diffusion's weights (a single file, or a diffusers folder with
+            ``text_encoder/``): SD 1.x's CLIP ViT-L/14, SD 2.x's OpenCLIP ViT-H/14.
+        layer: ``"penultimate"`` (SD 2.x), ``"last"`` (SD 1.x), the number of final blocks to
+            skip ("clip skip"), or ``"auto"``: what the SD weights were trained with.
+        pad: what fills a prompt after its end-of-text token: ``"zero"`` (OpenCLIP, SD 2.x) or
+            ``"eot"`` (SD 1.x's tokenizer); ``None``: the SD weights', else zero.
+        quick_gelu: the random tower with CLIP ViT-L/14's activation.
         random_text_cfg: if set (``width``, ``heads``, ``layers``, ``context_length``...), a
             random-initialised ``open_clip`` ``TextTransformer`` of that size instead of ``name``.
         seed: seeds the random tower, so every process and every run builds the same one.
@@ -47,15 +54,23 @@ class OpenCLIPTextEncoder(nn.Module):
         random_text_cfg: dict[str, Any] | None = None,
         seed: int = 0,
         cache_dir: str | None = None,
+        pad: str | None = None,
+        quick_gelu: bool = False,
     ):
         super().__init__()
         import open_clip
 
+        if pad not in (None, "zero", "eot"):
+            raise ValueError(f"text_encoder.pad must be null, 'zero' or 'eot', got {pad!r}")
+        from sd_lightning.weights.text import is_sd_source
+
+        sd = pretrained is not None and random_text_cfg is None and is_sd_source(str(pretrained))
         if random_text_cfg is not None:
             cfg = dict(random_text_cfg)
+            act = open_clip.transformer.QuickGELU if quick_gelu else nn.GELU
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
-                tower = open_clip.transformer.TextTransformer(**cfg)
+                tower = open_clip.transformer.TextTransformer(**cfg, act_layer=act)
             self.tokenizer = open_clip.tokenizer.SimpleTokenizer(
                 context_length=tower.context_length
             )
@@ -65,9 +80,18 @@ class OpenCLIPTextEncoder(nn.Module):
                 ", ".join(f"{k}={v}" for k, v in cfg.items()),
                 seed,
             )
+        elif sd:  # Stable Diffusion's own text encoder, from its single file or folder
+            tower, found = _sd_tower(str(pretrained))
+            self.tokenizer = open_clip.tokenizer.SimpleTokenizer(
+                context_length=tower.context_length
+            )
+            pad = pad or found["pad"]
+            layer = found["layer"] if layer == "auto" else layer
         else:
             tower = _create_pretrained(name, pretrained, cache_dir)
             self.tokenizer = open_clip.get_tokenizer(name)
+        if layer == "auto":
+            layer = "penultimate"
         if isinstance(layer, str):
             if layer not in LAYERS:
                 raise ValueError(
@@ -79,6 +103,7 @@ class OpenCLIPTextEncoder(nn.Module):
         if not 0 <= layer < blocks:
             raise ValueError(f"text_encoder.layer={layer} skips too many of {blocks} blocks")
         self.skip = layer
+        self.pad_eot = pad == "eot"  # SD 1's CLIP: padded with the end-of-text token, not 0
         self.tower = tower.requires_grad_(False).eval()
         self.width = tower.transformer.width
         self.context_length = tower.context_length
@@ -88,6 +113,9 @@ class OpenCLIPTextEncoder(nn.Module):
         tower = self.tower
         device = tower.positional_embedding.device
         tokens = self.tokenizer(list(captions)).to(device)
+        if self.pad_eot:  # everything after the first end-of-text becomes end-of-text
+            eot = self.tokenizer.eot_token_id
+            tokens = torch.where((tokens == eot).cumsum(-1) > 0, eot, tokens)
         x = tower.token_embedding(tokens) + tower.positional_embedding
         mask = tower.attn_mask
         batch_first = getattr(tower.transformer, "batch_first", True)
@@ -96,6 +124,34 @@ class OpenCLIPTextEncoder(nn.Module):
             x = block(x, attn_mask=mask)
         x = x if batch_first else x.transpose(0, 1)
         return tower.ln_final(x)
+
+
+def _sd_tower(path: str) -> tuple[nn.Module, dict[str, Any]]:
+    """OpenCLIP's ``TextTransformer`` with Stable Diffusion's text weights (every key checked)."""
+    import open_clip
+
+    from sd_lightning.weights.read import check_keys
+    from sd_lightning.weights.text import read_sd_text
+
+    part = read_sd_text(path, "text_encoder.pretrained", SD_HINT)
+    cfg = part.config
+    act = open_clip.transformer.QuickGELU if cfg["quick_gelu"] else nn.GELU
+    tower = open_clip.transformer.TextTransformer(
+        context_length=cfg["context_length"],
+        vocab_size=cfg["vocab_size"],
+        width=cfg["width"],
+        heads=cfg["heads"],
+        layers=cfg["layers"],
+        mlp_ratio=cfg["mlp_ratio"],
+        output_dim=None,  # SD reads the token states, not the pooled projection
+        act_layer=act,
+    )
+    check_keys(tower, part.state, f"text_encoder.pretrained={path!r}")
+    tower.load_state_dict(part.state)
+    log.info(
+        "text encoder: %s's %d-layer CLIP text tower from %s", part.family, cfg["layers"], path
+    )
+    return tower, cfg
 
 
 def _create_pretrained(name: str, pretrained: str | None, cache_dir: str | None) -> nn.Module:

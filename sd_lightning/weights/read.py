@@ -36,6 +36,7 @@ class Part:
     family: str | None = None
     source: str = ""
     latent_scale: float | None = None  # a VAE's: its family's scaling factor
+    sample_size: int | None = None  # a diffusers U-Net's latent size (config.json)
 
 
 # -- files and folders ----------------------------------------------------------------------------
@@ -97,7 +98,8 @@ def _diffusers_part(folder: str, kind: str, option: str, expected: str) -> Part:
     if unknown:
         raise InputError(f"{where}: {len(unknown)} keys fit no {kind} block: {_listed(unknown)}")
     scale = float(d.get("scaling_factor", configs.LATENT_SCALE)) if kind == "vae" else None
-    return Part(config, ours, family, folder, scale)
+    size = d.get("sample_size") if kind == "unet" else None
+    return Part(config, ours, family, folder, scale, size if isinstance(size, int) else None)
 
 
 def _listed(keys: list[str], n: int = 5) -> str:
@@ -128,8 +130,9 @@ def _file_or_folder(path: str, kind: str, option: str, expected: str) -> tuple:
 
 
 # -- the public readers ---------------------------------------------------------------------------
-def read_sd_unet(path: str, option: str, expected: str, use_ema: bool = False) -> Part:
-    """The U-Net of a single file or a diffusers pipeline / ``unet/`` folder."""
+def read_sd_unet(path: str, option: str, expected: str, use_ema: bool | str = False) -> Part:
+    """The U-Net of a single file or a diffusers pipeline / ``unet/`` folder; ``use_ema``: a
+    single file's ``model_ema.`` copy (``"auto"``: where it has a whole one)."""
     part, found = _file_or_folder(path, "unet", option, expected)
     if part is not None:
         return part
@@ -140,8 +143,10 @@ def read_sd_unet(path: str, option: str, expected: str, use_ema: bool = False) -
             f"{option}={path!r} holds no SD U-Net (no {prefix}* keys; a VAE-only file?): give "
             f"{expected}"
         )
+    ema = _ema_weights(state, list(unet)) if use_ema else {}
+    if use_ema == "auto":  # the copy where the file has a whole one
+        use_ema = len(ema) == len(unet)
     if use_ema:
-        ema = _ema_weights(state, list(unet))
         if len(ema) != len(unet):
             raise InputError(
                 f"{option}={path!r} has EMA weights for {len(ema)} of the U-Net's {len(unet)} "
