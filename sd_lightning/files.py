@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,6 +61,19 @@ class WeightFile:
         meta = self.content.get("sd_lightning") if isinstance(self.content, dict) else None
         return (meta or {}).get("stage")
 
+    def lazy_tensors(self) -> Mapping[str, torch.Tensor]:
+        """The tensors, each read only when looked up: a safetensors file through its memory map,
+        a torch file as loaded (open it with ``mmap=True`` for the same effect)."""
+        if self.kind != "safetensors":
+            state = self.content.get("state_dict", self.content)
+            return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+        from safetensors import safe_open
+
+        try:
+            return _Safetensors(safe_open(self.path, framework="pt"))
+        except Exception as exn:  # noqa: BLE001 - a damaged file is the user's to fix
+            raise self.error(f"is a damaged safetensors file ({exn})") from None
+
     def tensors(self) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
@@ -84,6 +98,23 @@ class WeightFile:
             raise self.error(
                 f"is the weights-only export of a stage={stage} run, not its checkpoint"
             )
+
+
+class _Safetensors(Mapping):
+    """A safetensors file as a read-only mapping; a tensor is read when it is looked up, so a
+    reader that takes one part of a whole Stable Diffusion file reads only that part."""
+
+    def __init__(self, handle: Any):
+        self._handle, self._keys = handle, list(handle.keys())
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self._handle.get_tensor(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
 
 
 def _safetensors_metadata(path: str, head: bytes, size: int) -> dict[str, Any] | None:

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from sd_lightning.errors import InputError
-from sd_lightning.files import WeightFile, read_weight_file
+from sd_lightning.files import read_weight_file
 from sd_lightning.weights import configs, layouts
 
 PREFIX = layouts.ORIGINAL_PREFIX
@@ -40,11 +41,16 @@ class Part:
 
 
 # -- files and folders ----------------------------------------------------------------------------
-def _tensors(found: WeightFile) -> dict[str, torch.Tensor]:
-    if found.kind == "safetensors":
-        return found.tensors()
-    state = found.content.get("state_dict", found.content)
-    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+def _tensors(path: str, option: str, expected: str) -> Mapping[str, torch.Tensor]:
+    """A weight file's tensors, each read when looked up (safetensors' memory map, torch's
+    ``mmap=True``): the U-Net, VAE and text encoder readers each read only their own part of a
+    whole Stable Diffusion file."""
+    return read_weight_file(path, option, expected, mmap=True).lazy_tensors()
+
+
+def _under(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The tensors whose names start with ``prefix``, without it (only those are read)."""
+    return {k[len(prefix) :]: state[k] for k in state if k.startswith(prefix)}
 
 
 def _component_weights(folder: str, option: str, expected: str) -> dict[str, torch.Tensor]:
@@ -58,13 +64,11 @@ def _component_weights(folder: str, option: str, expected: str) -> dict[str, tor
                     files = sorted(set(json.load(f)["weight_map"].values()))
                 state: dict[str, torch.Tensor] = {}
                 for name in files:
-                    state.update(
-                        _tensors(read_weight_file(os.path.join(folder, name), option, expected))
-                    )
+                    state.update(_tensors(os.path.join(folder, name), option, expected))
                 return state
             path = os.path.join(folder, f"{stem}.{ext}")
             if os.path.isfile(path):
-                return _tensors(read_weight_file(path, option, expected))
+                return dict(_tensors(path, option, expected))
     raise InputError(
         f"{option}={folder!r} has no diffusion_pytorch_model.safetensors/.bin (or model.*): give "
         f"{expected}"
@@ -106,15 +110,12 @@ def _listed(keys: list[str], n: int = 5) -> str:
     return ", ".join(sorted(keys)[:n]) + (f" and {len(keys) - n} more" if len(keys) > n else "")
 
 
-def _ema_weights(state: dict[str, torch.Tensor], names: list[str]) -> dict[str, torch.Tensor]:
+def _ema_weights(state: Mapping[str, torch.Tensor], names: list[str]) -> dict[str, torch.Tensor]:
     """The U-Net's EMA copy in an original single file, under the online weights' ``names``:
     SD stores it as ``model_ema.`` + ``diffusion_model.<name>`` with the dots removed."""
     flat = {("diffusion_model." + name).replace(".", ""): name for name in names}
-    return {
-        flat[k[len(EMA_PREFIX) :]]: v
-        for k, v in state.items()
-        if k.startswith(EMA_PREFIX) and k[len(EMA_PREFIX) :] in flat
-    }
+    n = len(EMA_PREFIX)
+    return {flat[k[n:]]: state[k] for k in state if k.startswith(EMA_PREFIX) and k[n:] in flat}
 
 
 def _file_or_folder(path: str, kind: str, option: str, expected: str) -> tuple:
@@ -124,9 +125,8 @@ def _file_or_folder(path: str, kind: str, option: str, expected: str) -> tuple:
         sub = os.path.join(path, kind)
         folder = sub if os.path.isdir(sub) else path
         return _diffusers_part(folder, kind, option, expected), None
-    state = _tensors(read_weight_file(path, option, expected))
-    prefix = PREFIX[kind]
-    return None, (state, {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
+    state = _tensors(path, option, expected)
+    return None, (state, _under(state, PREFIX[kind]))
 
 
 # -- the public readers ---------------------------------------------------------------------------
@@ -167,7 +167,7 @@ def read_sd_vae(path: str, option: str, expected: str) -> Part:
     state, vae = found
     prefix = PREFIX["vae"]
     if not vae and "encoder.conv_in.weight" in state:  # a standalone VAE file
-        vae = {k: v for k, v in state.items() if not k.startswith(("model_ema.", "loss."))}
+        vae = {k: state[k] for k in state if not k.startswith(("model_ema.", "loss."))}
     if not vae:
         raise InputError(
             f"{where} holds no SD VAE (no {prefix}* or encoder.* keys): give {expected}"

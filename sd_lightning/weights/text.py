@@ -13,7 +13,7 @@ import torch
 
 from sd_lightning.errors import InputError
 from sd_lightning.weights.clip import openclip_from_hf
-from sd_lightning.weights.read import Part, _component_weights, _tensors
+from sd_lightning.weights.read import Part, _component_weights, _tensors, _under
 
 SD1_PREFIX = "cond_stage_model.transformer."
 SD2_PREFIX = "cond_stage_model.model."
@@ -41,8 +41,6 @@ def tower_config(state: dict[str, torch.Tensor], quick_gelu: bool, layer: str) -
 def read_sd_text(path: str, option: str, expected: str) -> Part:
     """The text encoder of a single file or a diffusers pipeline / ``text_encoder/`` folder:
     ``config`` is :func:`tower_config`'s, ``state`` OpenCLIP-named."""
-    from sd_lightning.files import read_weight_file
-
     where = f"{option}={path!r}"
     if os.path.isdir(path):
         sub = os.path.join(path, "text_encoder")
@@ -57,16 +55,13 @@ def read_sd_text(path: str, option: str, expected: str) -> Part:
         family = "sd1" if quick else "sd2"
         layer = "last"  # diffusers' SD 2 text_encoder/ already ends at the penultimate layer
     else:
-        raw = _tensors(read_weight_file(path, option, expected))
+        raw = _tensors(path, option, expected)
         if any(k.startswith(SD1_PREFIX) for k in raw):
-            hf = {k[len(SD1_PREFIX) :]: v for k, v in raw.items() if k.startswith(SD1_PREFIX)}
+            hf = _under(raw, SD1_PREFIX)
             state, quick, family, layer = openclip_from_hf(hf, where), True, "sd1", "last"
         elif any(k.startswith(SD2_PREFIX) for k in raw):
-            state = {
-                k[len(SD2_PREFIX) :]: v
-                for k, v in raw.items()
-                if k.startswith(SD2_PREFIX) and k[len(SD2_PREFIX) :].startswith(_OPENCLIP_TEXT)
-            }
+            text = [k for k in raw if k.startswith(tuple(SD2_PREFIX + t for t in _OPENCLIP_TEXT))]
+            state = {k[len(SD2_PREFIX) :]: raw[k] for k in text}
             quick, family, layer = False, "sd2", "penultimate"
         else:
             raise InputError(
