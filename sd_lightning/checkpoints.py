@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from sd_lightning.files import read_weight_file
 from sd_lightning.models.autoencoder import AutoencoderKL
 from sd_lightning.resume import SHARDED_META, sharded_meta
-from sd_lightning.weights.read import check_keys, read_sd_vae
+from sd_lightning.weights.read import build, read_sd_vae
 
 log = logging.getLogger(__name__)
 
@@ -82,10 +82,7 @@ def load_vae(path: str, option: str = "vae_ckpt") -> AutoencoderKL:
     found = None if sd_folder else read_weight_file(path, option, VAE_HINT)
     if found is None or found.stage is None:  # not one of ours: Stable Diffusion's
         part = read_sd_vae(path, option, VAE_HINT)
-        vae = AutoencoderKL(**part.config)
-        check_keys(vae, part.state, f"{option}={path!r}")
-        vae.load_state_dict(part.state)
-        vae.scaling_factor = part.latent_scale
+        vae = build(AutoencoderKL, part, f"{option}={path!r}")  # with the family's scale
         log.info(
             "%s: Stable Diffusion's VAE from %s (latent scale %s)", option, path, part.latent_scale
         )

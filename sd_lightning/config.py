@@ -18,9 +18,16 @@ def auto_precision() -> str:
     return "32-true"
 
 
+def given(value: object) -> bool:
+    """``${sd.given:${oc.select:pretrained,null}}``: whether an option has a value."""
+    return value not in (None, "")
+
+
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("sd.precision"):
         OmegaConf.register_new_resolver("sd.precision", auto_precision)
+    if not OmegaConf.has_resolver("sd.given"):
+        OmegaConf.register_new_resolver("sd.given", given)
 
 
 def compose_config(overrides: list[str], output_dir: str) -> DictConfig:

@@ -61,16 +61,21 @@ class WeightFile:
         meta = self.content.get("sd_lightning") if isinstance(self.content, dict) else None
         return (meta or {}).get("stage")
 
-    def lazy_tensors(self) -> Mapping[str, torch.Tensor]:
+    def lazy_tensors(self, meta: bool = False) -> Mapping[str, torch.Tensor]:
         """The tensors, each read only when looked up: a safetensors file through its memory map,
-        a torch file as loaded (open it with ``mmap=True`` for the same effect)."""
+        a torch file as loaded (open it with ``mmap=True`` for the same effect). ``meta``: only
+        their shapes (tensors on the meta device; nothing is read)."""
         if self.kind != "safetensors":
             state = self.content.get("state_dict", self.content)
-            return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+            return {
+                k: v.to("meta") if meta else v
+                for k, v in state.items()
+                if isinstance(v, torch.Tensor)
+            }
         from safetensors import safe_open
 
         try:
-            return _Safetensors(safe_open(self.path, framework="pt"))
+            return _Safetensors(safe_open(self.path, framework="pt"), meta)
         except Exception as exn:  # noqa: BLE001 - a damaged file is the user's to fix
             raise self.error(f"is a damaged safetensors file ({exn})") from None
 
@@ -104,10 +109,12 @@ class _Safetensors(Mapping):
     """A safetensors file as a read-only mapping; a tensor is read when it is looked up, so a
     reader that takes one part of a whole Stable Diffusion file reads only that part."""
 
-    def __init__(self, handle: Any):
-        self._handle, self._keys = handle, list(handle.keys())
+    def __init__(self, handle: Any, meta: bool = False):
+        self._handle, self._keys, self._meta = handle, list(handle.keys()), meta
 
     def __getitem__(self, key: str) -> torch.Tensor:
+        if self._meta:
+            return torch.empty(self._handle.get_slice(key).get_shape(), device="meta")
         return self._handle.get_tensor(key)
 
     def __iter__(self) -> Iterator[str]:
@@ -117,13 +124,20 @@ class _Safetensors(Mapping):
         return len(self._keys)
 
 
+class _Truncated(Exception):
+    """A safetensors file shorter than its header says: ``args``: (bytes there, bytes needed)."""
+
+
 def _safetensors_metadata(path: str, head: bytes, size: int) -> dict[str, Any] | None:
     """The metadata of a safetensors file (values JSON-decoded where they are JSON), or None when
-    the bytes are not one."""
+    the bytes are not one; :class:`_Truncated` when the file ends before its header or tensors
+    do."""
     if len(head) < 9 or head[8:9] != b"{":
         return None
     (length,) = struct.unpack("<Q", head[:8])
     if length + 8 > size:
+        if length < 1 << 30:  # a plausible header: the file was cut inside it
+            raise _Truncated(size, length + 8)
         return None
     with open(path, "rb") as f:
         f.seek(8)
@@ -131,6 +145,9 @@ def _safetensors_metadata(path: str, head: bytes, size: int) -> dict[str, Any] |
             header = json.loads(f.read(length))
         except ValueError:
             return None
+    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+    if 8 + length + max(ends, default=0) > size:
+        raise _Truncated(size, 8 + length + max(ends))
     meta = header.get("__metadata__") or {}
     out = {}
     for key, value in meta.items():
@@ -166,7 +183,14 @@ def read_weight_file(
     if head.startswith((ZIP_MAGIC, PICKLE_MAGIC)):
         found.content = _torch_load(found, mmap and head.startswith(ZIP_MAGIC))
         return found
-    metadata = _safetensors_metadata(path, head, size)
+    try:
+        metadata = _safetensors_metadata(path, head, size)
+    except _Truncated as cut:
+        there, needed = cut.args
+        raise found.error(
+            f"is damaged or incomplete (a safetensors file cut short: {there:,} of its "
+            f"{needed:,} bytes; an interrupted download or copy?)"
+        ) from None
     if metadata is None:
         raise found.error(_describe(head))
     found.kind, found.metadata = "safetensors", metadata

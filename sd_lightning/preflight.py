@@ -55,7 +55,31 @@ def check_training(cfg: DictConfig) -> None:
     ckpt_path = cfg.get("ckpt_path")
     if ckpt_path not in (None, "auto"):
         check_resume_file(str(ckpt_path), cfg.get("stage"))
+    if cfg.get("pretrained"):
+        check_pretrained(str(cfg.pretrained))
+    if cfg.get("stage") == "ldm" and not cfg.get("vae_ckpt") and not cfg.get("pretrained"):
+        raise InputError(
+            "stage=ldm needs vae_ckpt=... (a stage=vae run's checkpoints/last.ckpt, or Stable "
+            "Diffusion's VAE) or pretrained=... (Stable Diffusion weights to fine-tune)"
+        )
     check_run_dir(cfg.paths.output_dir, ckpt_path)
+
+
+def check_pretrained(path: str) -> None:
+    """``pretrained=``: Stable Diffusion's weights (a readable file, or a folder), not a
+    checkpoint of ours."""
+    from sd_lightning.files import read_weight_file
+
+    expected = "Stable Diffusion weights (a single file or a diffusers folder)"
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "meta.pt")):
+        return  # a diffusers folder: its parts are checked as they are read
+    found = read_weight_file(path, "pretrained", expected, mmap=True)
+    if found.stage is not None:
+        raise InputError(
+            f"pretrained={path!r} is a stage={found.stage} checkpoint of sd_lightning: "
+            "pretrained= takes Stable Diffusion weights. Resume a run with ckpt_path=, or "
+            "give a stage-1 checkpoint as vae_ckpt="
+        )
 
 
 def check_resume_file(path: str, stage: str | None) -> str:

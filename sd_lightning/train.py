@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 from sd_lightning.callbacks import Preemption
 from sd_lightning.preflight import check_training, require
 from sd_lightning.resume import resolve_ckpt_path
+from sd_lightning.weights import pretrained
 
 __all__ = ["export_weights", "require", "train"]
 
@@ -39,6 +40,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """Fit ``cfg.model`` on ``cfg.data`` with ``cfg.trainer``; returns the final logged metrics.
     A run stopped by Ctrl-C (checkpoint written) exits with status 130."""
     check_training(cfg)
+    pretrained.configure(cfg)  # pretrained=: the networks' shapes from the weights
     checkpoint_dir = os.path.join(cfg.paths.output_dir, "checkpoints")
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
@@ -58,6 +60,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     sharded = isinstance(trainer.strategy, ModelParallelStrategy)  # trainer=fsdp
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), checkpoint_dir, sharded, cfg.get("stage"))
+    pretrained.load(system, cfg, ckpt_path)  # pretrained=: its weights, unless resuming
     try:
         trainer.fit(system, datamodule=datamodule, ckpt_path=ckpt_path)
     finally:

@@ -62,15 +62,21 @@ def test_discriminator_terms_are_zero_before_disc_start():
     assert logs_on["g_loss"] != 0 and logs_on["d_weight"] > 0
 
 
-def test_logvar_receives_gradients_and_enters_the_optimizer(cfg_factory):
-    ae, loss, x = _setup()
+@pytest.mark.parametrize("learn", [False, True])
+def test_logvar_is_fixed_by_default_and_trained_when_asked(cfg_factory, learn):
+    """Stability's default (learn_logvar=False): the log-variance stays at its initial value and
+    out of the optimizer; learned, it gets gradients and an optimizer slot."""
+    ae, _, x = _setup()
+    loss = AutoencoderLoss(NLayerDiscriminator(ndf=8, n_layers=1), learn_logvar=learn)
     recon, post = ae(x)
     total, _ = loss.generator_loss(x, recon, post, step=0, last_layer=ae.last_layer)
     total.backward()
-    assert loss.logvar.grad is not None and loss.logvar.grad != 0
-    system = instantiate(cfg_factory().model)
+    assert (loss.logvar.grad is not None and loss.logvar.grad != 0) == learn
+    system = instantiate(cfg_factory(f"loss.learn_logvar={learn}").model)
+    assert system.loss.learn_logvar == learn
     opt_ae, _ = system.configure_optimizers()
-    assert any(p is system.loss.logvar for g in opt_ae.param_groups for p in g["params"])
+    optimized = any(p is system.loss.logvar for g in opt_ae.param_groups for p in g["params"])
+    assert optimized == learn
 
 
 def test_lpips_gradients_reach_the_reconstruction(lpips_random):
@@ -101,7 +107,12 @@ def _changed(before, module):
 
 @pytest.mark.parametrize("disc_start", [0, 100])
 def test_both_optimizers_step_once_the_discriminator_started(cfg_factory, disc_start):
-    cfg = cfg_factory(f"loss.disc_start={disc_start}", "trainer.max_steps=3", "callbacks=none")
+    cfg = cfg_factory(
+        f"loss.disc_start={disc_start}",
+        f"loss.learn_logvar={disc_start == 0}",  # learned in one run, fixed (the default) in the other
+        "trainer.max_steps=3",
+        "callbacks=none",
+    )
     system = instantiate(cfg.model)
     data = instantiate(cfg.data)
     ae0, disc0 = _params(system.autoencoder), _params(system.loss.discriminator)
@@ -110,7 +121,8 @@ def test_both_optimizers_step_once_the_discriminator_started(cfg_factory, disc_s
     trainer.fit(system, datamodule=data)
     assert trainer.global_step == 3  # autoencoder steps; the discriminator's are not counted
     assert _changed(ae0, system.autoencoder), "the autoencoder did not train"
-    assert system.loss.logvar.detach() != logvar0, "logvar did not train"
+    learned = system.loss.logvar.detach() != logvar0
+    assert learned == (disc_start == 0), "logvar trained only where loss.learn_logvar=true"
     disc_weights = [k for k in disc0 if "running" not in k]
     moved = [k for k in _changed(disc0, system.loss.discriminator) if k in disc_weights]
     if disc_start == 0:

@@ -11,6 +11,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import save_file
+from sd_fixtures import HINT, UNETS, VAE, clip_model, pipeline_folder, randomize
 
 from sd_lightning.checkpoints import load_vae
 from sd_lightning.errors import InputError
@@ -22,45 +23,6 @@ from sd_lightning.weights.pipeline import SD_SCHEDULER
 from sd_lightning.weights.read import check_keys, read_sd_unet, read_sd_vae
 
 diffusers = pytest.importorskip("diffusers")
-
-HINT = "SD weights"
-# SD 1.x and 2.x at a tenth of their width: every structural feature, seconds on a CPU
-UNETS = {
-    "sd1": dict(
-        model_channels=32,
-        channel_mult=[1, 2, 2, 2],
-        num_res_blocks=2,
-        attention_levels=[0, 1, 2],
-        num_heads=8,
-        num_head_channels=-1,
-        transformer_depth=2,
-        context_dim=768,
-        use_linear_in_transformer=False,
-        norm_groups=32,
-    ),
-    "sd2": dict(
-        model_channels=64,
-        channel_mult=[1, 1, 2, 2],
-        num_res_blocks=1,
-        attention_levels=[0, 1, 2],
-        num_heads=-1,
-        num_head_channels=64,
-        transformer_depth=1,
-        context_dim=1024,
-        use_linear_in_transformer=True,
-        norm_groups=32,
-    ),
-}
-VAE = dict(ch=32, ch_mult=[1, 2, 2, 2], num_res_blocks=2, z_channels=4, embed_dim=4)
-
-
-def _randomize(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Zero-initialised layers would hide mistakes: every weight random."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    return module.eval()
 
 
 def _unet_inputs(context: int):
@@ -75,7 +37,7 @@ def _unet_inputs(context: int):
 @pytest.mark.parametrize("family", ["sd1", "sd2"])
 def test_a_diffusers_unet_folder_gives_the_same_outputs(tmp_path, family):
     ours_cfg = {"in_channels": 4, "out_channels": 4, **UNETS[family]}
-    theirs = _randomize(diffusers.UNet2DConditionModel(**unet_diffusers_config(ours_cfg, 16)))
+    theirs = randomize(diffusers.UNet2DConditionModel(**unet_diffusers_config(ours_cfg, 16)))
     theirs.save_pretrained(tmp_path / "pipe" / "unet")  # diffusers writes the folder
     part = read_sd_unet(str(tmp_path / "pipe"), "pretrained", HINT)
     assert part.family == family
@@ -97,7 +59,7 @@ def test_a_diffusers_unet_folder_gives_the_same_outputs(tmp_path, family):
 
 @pytest.mark.parametrize("old_names", [False, True], ids=["current", "pre-0.14-names"])
 def test_a_diffusers_vae_folder_works_as_vae_ckpt_with_the_family_scale(tmp_path, old_names):
-    theirs = _randomize(
+    theirs = randomize(
         diffusers.AutoencoderKL(
             **vae_diffusers_config({**AutoencoderKL(**VAE).config, "resolution": 32})
         )
@@ -127,11 +89,11 @@ def test_a_diffusers_vae_folder_works_as_vae_ckpt_with_the_family_scale(tmp_path
 def _single_file(tmp_path, family: str, ema: bool) -> tuple:
     """An original single file (CompVis names, diffusers' converters read it) of random tiny
     SD-layout networks, with or without SD's ``model_ema.`` copy."""
-    unet = _randomize(UNetModel(**UNETS[family]), seed=1)
-    vae = _randomize(AutoencoderKL(**VAE), seed=2)
+    unet = randomize(UNetModel(**UNETS[family]), seed=1)
+    vae = randomize(AutoencoderKL(**VAE), seed=2)
     state = {**to_original(unet.state_dict(), "unet"), **to_original(vae.state_dict(), "vae")}
     if ema:
-        shadow = _randomize(UNetModel(**UNETS[family]), seed=3)
+        shadow = randomize(UNetModel(**UNETS[family]), seed=3)
         for name, value in shadow.state_dict().items():
             state["model_ema." + ("diffusion_model." + name).replace(".", "")] = value
         state["model_ema.decay"] = torch.tensor(0.9999)
@@ -165,7 +127,7 @@ def test_a_single_file_is_read_with_the_layout_its_weights_show(tmp_path, family
     ema = read_sd_unet(str(path), "ckpt", HINT, use_ema=True)
     assert all(torch.equal(ema.state[k], v) for k, v in shadow.state_dict().items())
     sd_vae = read_sd_vae(str(path), "vae_ckpt", HINT)
-    assert sd_vae.config == {**vae.config, "resolution": 512} and sd_vae.latent_scale == 0.18215
+    assert sd_vae.config == {**vae.config, "resolution": 512, "scaling_factor": 0.18215}
     assert all(torch.equal(sd_vae.state[k], v) for k, v in vae.state_dict().items())
 
 
@@ -233,7 +195,7 @@ def test_stage2_trains_on_sds_vae_with_the_familys_latent_scale(tmp_path, data_d
     from sd_lightning.train import train
 
     config = {**AutoencoderKL(**VAE).config, "resolution": 32}
-    _randomize(diffusers.AutoencoderKL(**vae_diffusers_config(config))).save_pretrained(
+    randomize(diffusers.AutoencoderKL(**vae_diffusers_config(config))).save_pretrained(
         tmp_path / "vae"
     )
     run = tmp_path / "run"
@@ -262,7 +224,7 @@ def test_clip_text_model_weights_run_in_openclips_tower_with_the_same_states():
         max_position_embeddings=16,
         hidden_act="quick_gelu",  # CLIP ViT-L/14's, as OpenAI trained it
     )
-    theirs = _randomize(transformers.CLIPTextModel(cfg))
+    theirs = randomize(transformers.CLIPTextModel(cfg))
     state = theirs.state_dict()
     tower = TextTransformer(
         context_length=16, vocab_size=1000, width=32, heads=4, layers=3, act_layer=QuickGELU
@@ -284,24 +246,11 @@ def test_clip_text_model_weights_run_in_openclips_tower_with_the_same_states():
     assert all(torch.equal(v, plain[k.removeprefix("text_model.")]) for k, v in back.items())
 
 
-def _clip(transformers, layers: int = 2):
-    cfg = transformers.CLIPTextConfig(
-        vocab_size=49408,  # the tokenizer's ids
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=layers,
-        num_attention_heads=1,  # 64-wide heads, as every CLIP text tower SD uses
-        max_position_embeddings=77,
-        hidden_act="quick_gelu",
-    )
-    return _randomize(transformers.CLIPTextModel(cfg))
-
-
 def test_sd1_text_encoder_from_a_folder_or_a_single_file_equals_transformers(tmp_path):
     transformers = pytest.importorskip("transformers")
     from sd_lightning.models import OpenCLIPTextEncoder
 
-    theirs = _clip(transformers)
+    theirs = clip_model(transformers)
     theirs.save_pretrained(tmp_path / "pipe" / "text_encoder")
     (tmp_path / "pipe" / "model_index.json").write_text("{}")
     single = {
@@ -329,7 +278,7 @@ def test_sd2_text_encoder_from_a_single_file_reads_openclips_names_at_the_penult
 
     from sd_lightning.models import OpenCLIPTextEncoder
 
-    tower = _randomize(TextTransformer(width=64, heads=1, layers=3, output_dim=64))
+    tower = randomize(TextTransformer(width=64, heads=1, layers=3, output_dim=64))
     state = {"cond_stage_model.model." + k: v for k, v in tower.state_dict().items()}
     state["cond_stage_model.model.logit_scale"] = torch.tensor(4.6)  # in SD 2 files, unused
     save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "sd2.safetensors")
@@ -344,37 +293,37 @@ def test_sd2_text_encoder_from_a_single_file_reads_openclips_names_at_the_penult
         torch.testing.assert_close(ours(prompts), tower.ln_final(x), atol=1e-5, rtol=1e-4)
 
 
-def _pipeline_folder(tmp_path):
-    """A tiny SD 1-like diffusers pipeline folder written by diffusers and transformers."""
-    transformers = pytest.importorskip("transformers")
-    folder = tmp_path / "tiny-sd"
-    unet_cfg = {"in_channels": 4, "out_channels": 4, **UNETS["sd1"], "context_dim": 64}
-    unet = _randomize(diffusers.UNet2DConditionModel(**unet_diffusers_config(unet_cfg, 8)), 1)
-    vae_cfg = {**AutoencoderKL(**VAE).config, "resolution": 32}
-    vae = _randomize(diffusers.AutoencoderKL(**vae_diffusers_config(vae_cfg)), 2)
-    text = _clip(transformers)
-    scheduler = diffusers.DDIMScheduler(**SD_SCHEDULER)
-    for name, part in (
-        ("unet", unet),
-        ("vae", vae),
-        ("text_encoder", text),
-        ("scheduler", scheduler),
-    ):
-        part.save_pretrained(folder / name)
-    (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
-    return folder, unet, vae, text, scheduler
+def _scheduler(sampler: str):
+    """diffusers' scheduler for our ``sampler`` with SD's settings. DDIM: leading spacing,
+    offset 1. DPM-Solver++: trailing spacing (diffusers' DPM "leading" spaces by steps + 1, unlike
+    its DDIM), ending at the first training step as ours does (``sigma_min``)."""
+    if sampler == "ddim":
+        return diffusers.DDIMScheduler(**SD_SCHEDULER)
+    config = {k: v for k, v in SD_SCHEDULER.items() if k not in ("clip_sample", "set_alpha_to_one")}
+    return diffusers.DPMSolverMultistepScheduler(
+        **config,
+        algorithm_type="dpmsolver++",
+        solver_order=2,
+        timestep_spacing="trailing",
+        final_sigmas_type="sigma_min",
+    )
 
 
-def test_sampling_from_a_diffusers_folder_equals_stable_diffusion_pipeline(tmp_path):
+@pytest.mark.parametrize("sampler", ["ddim", "dpmpp_2m"])
+def test_sampling_from_a_diffusers_folder_equals_stable_diffusion_pipeline(tmp_path, sampler):
     from sd_lightning.diffusion.guidance import initial_noise
     from sd_lightning.sample import load_ldm
 
-    folder, unet, vae, text, scheduler = _pipeline_folder(tmp_path)
+    folder, unet, vae, text, _ = pipeline_folder(tmp_path)
+    scheduler = _scheduler(sampler)
     system = load_ldm(str(folder))
     assert system.run_config["data"]["image_size"] == 64  # the U-Net's sample_size x 8
     assert float(system.latent_scale) == pytest.approx(0.18215)
     prompt = "a red circle at the top left"
-    ours = system.sample_images([prompt], seeds=[0], sampler="ddim", steps=4, guidance=3.0)
+    spacing = "leading" if sampler == "ddim" else "trailing"
+    ours = system.sample_images(
+        [prompt], seeds=[0], sampler=sampler, steps=4, guidance=3.0, spacing=spacing
+    )
 
     def embed(caption: str) -> torch.Tensor:  # SD 1's tokens: padded with end-of-text
         tokens = system.text_encoder.net.tokenizer([caption])
@@ -410,7 +359,7 @@ def test_stage_sample_takes_a_diffusers_folder_on_the_command_line(tmp_path):
     from conftest import run_cli
     from PIL import Image
 
-    folder, *_ = _pipeline_folder(tmp_path)
+    folder, *_ = pipeline_folder(tmp_path)
     out = run_cli(
         "stage=sample",
         f"ckpt={folder}",

@@ -68,7 +68,11 @@ class AutoencoderLoss(nn.Module):
         disc_weight: multiplies the adaptive weight (SD: 0.5).
         disc_factor: overall adversarial factor once started (1.0).
         disc_loss: "hinge" or "vanilla".
-        logvar_init: initial value of the learned log-variance.
+        logvar_init: the log-variance dividing the reconstruction term (0: plain L1 + LPIPS).
+        learn_logvar: train the log-variance with the autoencoder (CompVis's loss defines it
+            as a parameter; Stability's code keeps it fixed by default, ``learn_logvar=False``).
+            Learned, it falls as the reconstruction error falls, scaling the reconstruction term
+            up by ``exp(-logvar)`` and so weakening the KL term relative to it (5-20x over a run).
         max_adaptive_weight: clamp for the adaptive weight.
     """
 
@@ -86,6 +90,7 @@ class AutoencoderLoss(nn.Module):
         disc_loss: str = "hinge",
         logvar_init: float = 0.0,
         max_adaptive_weight: float = 1e4,
+        learn_logvar: bool = False,
     ):
         super().__init__()
         if disc_loss not in D_LOSSES:
@@ -96,7 +101,9 @@ class AutoencoderLoss(nn.Module):
             raise ValueError(f"loss.disc_start must be >= 0, got {disc_start}")
         self.discriminator = discriminator
         self.perceptual = Frozen(perceptual) if perceptual is not None else None
-        self.logvar = nn.Parameter(torch.full((), float(logvar_init)))
+        # a parameter either way (checkpoints hold it); optimized only when learned
+        self.logvar = nn.Parameter(torch.full((), float(logvar_init)), requires_grad=learn_logvar)
+        self.learn_logvar = learn_logvar
         self.disc_start = disc_start
         self.kl_weight = kl_weight
         self.pixel_weight = pixel_weight

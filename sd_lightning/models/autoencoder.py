@@ -158,6 +158,8 @@ class AutoencoderKL(nn.Module):
     """KL-regularised autoencoder: ``encode(x) -> DiagonalGaussian``, ``decode(z) -> image``.
 
     Images are in [-1, 1]. The downsampling factor is ``2 ** (len(ch_mult) - 1)`` (8 for SD).
+    ``scaling_factor``: what stage 2 multiplies this VAE's latents by, where it is known (SD's
+    VAE: 0.18215); ``None`` lets stage 2 estimate it (``scale_by_std``).
     """
 
     def __init__(
@@ -174,6 +176,7 @@ class AutoencoderKL(nn.Module):
         resolution: int = 256,
         dropout: float = 0.0,
         norm_groups: int = 32,
+        scaling_factor: float | None = None,
     ):
         super().__init__()
         ch_mult, attn_resolutions = tuple(ch_mult), tuple(attn_resolutions)
@@ -189,7 +192,9 @@ class AutoencoderKL(nn.Module):
             "resolution": resolution,
             "dropout": dropout,
             "norm_groups": norm_groups,
+            "scaling_factor": scaling_factor,
         }
+        self.scaling_factor = scaling_factor
         common = dict(
             ch=ch,
             ch_mult=ch_mult,

@@ -103,6 +103,7 @@ class OpenCLIPTextEncoder(nn.Module):
         if not 0 <= layer < blocks:
             raise ValueError(f"text_encoder.layer={layer} skips too many of {blocks} blocks")
         self.skip = layer
+        self.random = random_text_cfg is not None  # no release's weights: exports leave it out
         self.pad_eot = pad == "eot"  # SD 1's CLIP: padded with the end-of-text token, not 0
         self.tower = tower.requires_grad_(False).eval()
         self.width = tower.transformer.width

@@ -36,19 +36,22 @@ def _noop() -> None:
 
 
 class VAESystem(StepSeededMixin, StageCheckpointMixin):
-    """Trains ``autoencoder`` with ``loss`` (which owns the discriminator and the learned logvar).
+    """Trains ``autoencoder`` with ``loss`` (which owns the discriminator and the log-variance).
 
     Args:
         autoencoder: the :class:`AutoencoderKL` to train.
         loss: the :class:`AutoencoderLoss` (discriminator, LPIPS, weights, ``disc_start``).
         optimizer: factory for the autoencoder's optimizer (``_partial_: true`` in the config);
-            it receives the autoencoder's parameters and the loss's ``logvar``.
+            it receives the autoencoder's parameters (and the loss's ``logvar`` where
+            ``loss.learn_logvar``).
         disc_optimizer: factory for the discriminator's optimizer.
         lr_scheduler / disc_lr_scheduler: optional factories, stepped per optimizer step.
         accumulate_grad_batches: micro-batches per optimizer step (Lightning's Trainer option does
             not apply under manual optimization).
         gradient_clip_val: max gradient norm per optimizer (``None``: no clipping).
         num_val_images: images of the first validation batch shown beside their reconstructions.
+        freeze_encoder: train the decoder only (the encoder and ``quant_conv`` frozen), as when
+            fine-tuning SD's VAE so its latents stay those SD's U-Nets were trained on.
     """
 
     checkpoint_stage = STAGE
@@ -66,6 +69,7 @@ class VAESystem(StepSeededMixin, StageCheckpointMixin):
         gradient_clip_val: float | None = None,
         num_val_images: int = 8,
         seed: int = 0,
+        freeze_encoder: bool = False,
     ):
         super().__init__()
         if accumulate_grad_batches < 1:
@@ -84,6 +88,10 @@ class VAESystem(StepSeededMixin, StageCheckpointMixin):
             ]
         )
         self.autoencoder = autoencoder
+        self.freeze_encoder = bool(freeze_encoder)
+        if self.freeze_encoder:
+            autoencoder.encoder.requires_grad_(False)
+            autoencoder.quant_conv.requires_grad_(False)
         self.loss = loss
         self.optimizer_factory, self.disc_optimizer_factory = optimizer, disc_optimizer
         self.scheduler_factory, self.disc_scheduler_factory = lr_scheduler, disc_lr_scheduler
@@ -224,7 +232,9 @@ class VAESystem(StepSeededMixin, StageCheckpointMixin):
 
     # -- optimizers --------------------------------------------------------------------------------
     def configure_optimizers(self):
-        ae_params = [*self.autoencoder.parameters(), self.loss.logvar]
+        ae_params = [p for p in self.autoencoder.parameters() if p.requires_grad]
+        if self.loss.learn_logvar:
+            ae_params.append(self.loss.logvar)
         opt_ae = self.optimizer_factory(ae_params)
         opt_d = self.disc_optimizer_factory(self.loss.discriminator.parameters())
         schedulers = [

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from sd_lightning.errors import InputError
-from sd_lightning.weights.read import check_keys, read_sd_unet, read_sd_vae
+from sd_lightning.weights.read import build, read_sd_unet, read_sd_vae
 
 SD_HINT = (
     "Stable Diffusion weights (v1-5-pruned-emaonly.safetensors, or a diffusers folder with "
@@ -85,12 +85,10 @@ def load_sd_system(
     prediction = prediction or scheduler.get("prediction_type") or "epsilon"
     if prediction not in PREDICTIONS:
         raise InputError(f"prediction={prediction!r}: choose epsilon or v_prediction")
-    unet = UNetModel(**unet_part.config)
-    check_keys(unet, unet_part.state, f"{where} (U-Net)")
-    unet.load_state_dict(unet_part.state)
-    vae = AutoencoderKL(**vae_part.config)
-    check_keys(vae, vae_part.state, f"{where} (VAE)")
-    vae.load_state_dict(vae_part.state)
+    unet = build(UNetModel, unet_part, f"{where} (U-Net)")
+    vae = build(AutoencoderKL, vae_part, f"{where} (VAE)")
+    # the file's tensors (memory-mapped pages) are not kept past this point
+    unet_part.state, vae_part.state = {}, {}
     text = OpenCLIPTextEncoder(pretrained=path, layer="auto")
     if text.width != unet.config["context_dim"]:
         raise InputError(

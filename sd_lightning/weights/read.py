@@ -41,11 +41,13 @@ class Part:
 
 
 # -- files and folders ----------------------------------------------------------------------------
-def _tensors(path: str, option: str, expected: str) -> Mapping[str, torch.Tensor]:
+def _tensors(
+    path: str, option: str, expected: str, meta: bool = False
+) -> Mapping[str, torch.Tensor]:
     """A weight file's tensors, each read when looked up (safetensors' memory map, torch's
     ``mmap=True``): the U-Net, VAE and text encoder readers each read only their own part of a
-    whole Stable Diffusion file."""
-    return read_weight_file(path, option, expected, mmap=True).lazy_tensors()
+    whole Stable Diffusion file. ``meta``: their shapes only (nothing read)."""
+    return read_weight_file(path, option, expected, mmap=True).lazy_tensors(meta)
 
 
 def _under(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -53,7 +55,9 @@ def _under(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Te
     return {k[len(prefix) :]: state[k] for k in state if k.startswith(prefix)}
 
 
-def _component_weights(folder: str, option: str, expected: str) -> dict[str, torch.Tensor]:
+def _component_weights(
+    folder: str, option: str, expected: str, meta: bool = False
+) -> dict[str, torch.Tensor]:
     """The tensors of a diffusers/transformers component folder: one file, or shards with an
     ``.index.json``; safetensors first, ``.bin`` (weights_only) otherwise."""
     for stem in WEIGHT_NAMES:
@@ -64,11 +68,11 @@ def _component_weights(folder: str, option: str, expected: str) -> dict[str, tor
                     files = sorted(set(json.load(f)["weight_map"].values()))
                 state: dict[str, torch.Tensor] = {}
                 for name in files:
-                    state.update(_tensors(os.path.join(folder, name), option, expected))
+                    state.update(_tensors(os.path.join(folder, name), option, expected, meta))
                 return state
             path = os.path.join(folder, f"{stem}.{ext}")
             if os.path.isfile(path):
-                return dict(_tensors(path, option, expected))
+                return dict(_tensors(path, option, expected, meta))
     raise InputError(
         f"{option}={folder!r} has no diffusion_pytorch_model.safetensors/.bin (or model.*): give "
         f"{expected}"
@@ -80,7 +84,7 @@ def _read_json(path: str) -> dict[str, Any]:
         return json.load(f)
 
 
-def _diffusers_part(folder: str, kind: str, option: str, expected: str) -> Part:
+def _diffusers_part(folder: str, kind: str, option: str, expected: str, meta: bool) -> Part:
     """A diffusers ``unet/`` or ``vae/`` folder in our names (every key accounted for)."""
     config_path = os.path.join(folder, "config.json")
     if not os.path.isfile(config_path):
@@ -97,11 +101,13 @@ def _diffusers_part(folder: str, kind: str, option: str, expected: str) -> Part:
     else:
         config, family = configs.vae_config_from_diffusers(d), None
         blocks = layouts.vae_blocks(config)
-    state = _component_weights(folder, option, expected)
+    state = _component_weights(folder, option, expected, meta)
     ours, unknown = layouts.convert(state, blocks, to_diffusers=False)
     if unknown:
         raise InputError(f"{where}: {len(unknown)} keys fit no {kind} block: {_listed(unknown)}")
     scale = float(d.get("scaling_factor", configs.LATENT_SCALE)) if kind == "vae" else None
+    if scale is not None:
+        config["scaling_factor"] = scale
     size = d.get("sample_size") if kind == "unet" else None
     return Part(config, ours, family, folder, scale, size if isinstance(size, int) else None)
 
@@ -118,22 +124,25 @@ def _ema_weights(state: Mapping[str, torch.Tensor], names: list[str]) -> dict[st
     return {flat[k[n:]]: state[k] for k in state if k.startswith(EMA_PREFIX) and k[n:] in flat}
 
 
-def _file_or_folder(path: str, kind: str, option: str, expected: str) -> tuple:
+def _file_or_folder(path: str, kind: str, option: str, expected: str, meta: bool) -> tuple:
     """``(Part, None)`` for a diffusers folder (a pipeline's ``<kind>/`` or the component
     itself), or ``(None, (all tensors, those under the single-file prefix of kind))``."""
     if os.path.isdir(path):
         sub = os.path.join(path, kind)
         folder = sub if os.path.isdir(sub) else path
-        return _diffusers_part(folder, kind, option, expected), None
-    state = _tensors(path, option, expected)
+        return _diffusers_part(folder, kind, option, expected, meta), None
+    state = _tensors(path, option, expected, meta)
     return None, (state, _under(state, PREFIX[kind]))
 
 
 # -- the public readers ---------------------------------------------------------------------------
-def read_sd_unet(path: str, option: str, expected: str, use_ema: bool | str = False) -> Part:
+def read_sd_unet(
+    path: str, option: str, expected: str, use_ema: bool | str = False, meta: bool = False
+) -> Part:
     """The U-Net of a single file or a diffusers pipeline / ``unet/`` folder; ``use_ema``: a
-    single file's ``model_ema.`` copy (``"auto"``: where it has a whole one)."""
-    part, found = _file_or_folder(path, "unet", option, expected)
+    single file's ``model_ema.`` copy (``"auto"``: where it has a whole one). ``meta``: the
+    config and the weights' shapes only (nothing read)."""
+    part, found = _file_or_folder(path, "unet", option, expected, meta)
     if part is not None:
         return part
     state, unet = found
@@ -157,11 +166,26 @@ def read_sd_unet(path: str, option: str, expected: str, use_ema: bool | str = Fa
     return Part(config, unet, family, path)
 
 
-def read_sd_vae(path: str, option: str, expected: str) -> Part:
+def read_sd_unet_ema(
+    path: str, option: str, expected: str, names: list[str]
+) -> tuple[dict[str, torch.Tensor] | None, int]:
+    """A single file's whole ``model_ema.`` copy of the U-Net (under the online weights'
+    ``names``) and its update count; ``(None, 0)`` for folders and files without a whole copy."""
+    if os.path.isdir(path):
+        return None, 0
+    state = _tensors(path, option, expected)
+    ema = _ema_weights(state, names)
+    if len(ema) != len(names):
+        return None, 0
+    count = EMA_PREFIX + "num_updates"
+    return ema, int(state[count]) if count in state else 0
+
+
+def read_sd_vae(path: str, option: str, expected: str, meta: bool = False) -> Part:
     """The VAE of a single file, a standalone VAE file, or a diffusers pipeline / ``vae/``
-    folder, with its family's latent scale."""
+    folder, with its family's latent scale (also in ``config["scaling_factor"]``)."""
     where = f"{option}={path!r}"
-    part, found = _file_or_folder(path, "vae", option, expected)
+    part, found = _file_or_folder(path, "vae", option, expected, meta)
     if part is not None:
         return part
     state, vae = found
@@ -176,8 +200,20 @@ def read_sd_vae(path: str, option: str, expected: str) -> Part:
         raise InputError(
             f"{where} is a diffusers-named VAE file: give its folder (with config.json)"
         )
-    config = configs.vae_config_from_weights(vae, where)
+    config = {**configs.vae_config_from_weights(vae, where), "scaling_factor": configs.LATENT_SCALE}
     return Part(config, vae, None, path, configs.LATENT_SCALE)
+
+
+def build(cls: type, part: Part, where: str) -> torch.nn.Module:
+    """``cls(**part.config)`` holding ``part``'s weights, every key checked. Built on the meta
+    device and given uninitialised memory, so no time goes into a random initialisation the
+    weights replace (``UNetModel`` and ``AutoencoderKL`` have no buffers outside their state)."""
+    with torch.device("meta"):
+        net = cls(**part.config)
+    check_keys(net, part.state, where)
+    net = net.to_empty(device="cpu")
+    net.load_state_dict(part.state)
+    return net
 
 
 def check_keys(module: torch.nn.Module, state: dict[str, torch.Tensor], where: str) -> None:

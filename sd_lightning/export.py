@@ -1,0 +1,124 @@
+"""``stage=export``: a stage-2 checkpoint (or sharded folder), or any Stable Diffusion weights we
+read, as an original single file or a diffusers folder (:mod:`sd_lightning.weights.write`).
+
+    python -m sd_lightning stage=export ckpt=outputs/ldm/runs/X/checkpoints/last.ckpt \\
+        format=single_file output=/models/mine.safetensors
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+
+from sd_lightning.errors import InputError
+from sd_lightning.preflight import check_sampling_source, require
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("single_file", "diffusers")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def check_export(cfg: DictConfig) -> None:
+    """The options of ``stage=export``, each error naming the option and the fix."""
+    require(cfg)
+    if cfg.format not in FORMATS:
+        raise InputError(f"format={cfg.format!r}: choose single_file or diffusers")
+    if cfg.dtype not in DTYPES:
+        raise InputError(f"dtype={cfg.dtype!r}: choose float32, float16 or bfloat16")
+    output = str(cfg.output)
+    if cfg.format == "single_file" and not output.endswith(".safetensors"):
+        raise InputError(
+            f"output={output!r}: a single file is written as safetensors; give a path ending in "
+            ".safetensors (or format=diffusers for a folder)"
+        )
+    if os.path.exists(output) and not cfg.overwrite:
+        raise InputError(
+            f"output={output!r} exists: give a new path, or overwrite=true to replace it"
+        )
+    if os.path.abspath(output) == os.path.abspath(str(cfg.ckpt)):
+        raise InputError(f"output={output!r} is the ckpt= being read: give another path")
+    check_sampling_source(str(cfg.ckpt))
+
+
+def release_of(cfg: DictConfig) -> tuple[Any, str]:
+    """The networks and sampling settings of ``cfg.ckpt`` as a :class:`Release`, and which
+    weights of the U-Net it holds."""
+    from sd_lightning.sample import load_ldm
+    from sd_lightning.weights.write import Release
+
+    system = load_ldm(cfg.ckpt, prediction=cfg.get("prediction"), use_ema=cfg.use_ema)
+    unet = system.sampling_net if cfg.use_ema else system.unet
+    if system.ema is None:  # SD weights: load_sd_system took the file's EMA copy where asked
+        which = "as loaded"
+    else:
+        which = "EMA" if cfg.use_ema else "online"
+    schedule = dict((system.run_config or {}).get("model", {}).get("schedule") or {})
+    release = Release(
+        unet=unet,
+        vae=system.vae,
+        text=system.text_encoder.net,
+        latent_scale=float(system.latent_scale),
+        prediction=system.prediction,
+        schedule=schedule,
+        spacing=system.default_spacing,
+        image_size=system._image_size(),
+    )
+    return release, which
+
+
+def export(cfg: DictConfig) -> dict[str, Any]:
+    from sd_lightning.weights.write import text_layout, write_diffusers, write_single_file
+
+    check_export(cfg)
+    release, which = release_of(cfg)
+    output, dtype = str(cfg.output), DTYPES[cfg.dtype]
+    if os.path.exists(output):  # overwrite=true
+        shutil.rmtree(output) if os.path.isdir(output) else os.remove(output)
+    if cfg.format == "single_file":
+        missing = write_single_file(release, output, dtype)
+    else:
+        missing = write_diffusers(release, output, dtype)
+    layout = text_layout(release.text) or "none"
+    log.info(
+        "exported %s (%s, %s): U-Net (%s weights), VAE (latent scale %.5f), text encoder %s; "
+        "%s prediction, %d px",
+        output,
+        cfg.format,
+        cfg.dtype,
+        which,
+        release.latent_scale,
+        layout,
+        release.prediction,
+        release.image_size,
+    )
+    if missing:
+        log.warning(
+            "%s: no %s. The run's text encoder is a random tower, in no release's layout, so "
+            "it is left out: load the file with a text encoder of %d-d states (diffusers: "
+            "text_encoder=... and tokenizer=... in from_pretrained / from_single_file)",
+            output,
+            " or ".join(missing),
+            release.unet.config["context_dim"],
+        )
+    if release.prediction == "v_prediction":
+        log.info(
+            "v_prediction: tell the loading tool (AUTOMATIC1111: a .yaml beside the file with "
+            "parameterization: v; ComfyUI: ModelSamplingDiscrete v_prediction)"
+        )
+    if layout == "sd1" and release.text.skip:
+        log.info(
+            "trained with clip skip %d (text_encoder.layer=%d): sample with clip_skip=%d in "
+            "diffusers, CLIP Set Last Layer -%d in ComfyUI",
+            release.text.skip + 1,
+            release.text.skip,
+            release.text.skip,
+            release.text.skip + 1,
+        )
+    print(output)
+    return {"output": output, "missing": missing}

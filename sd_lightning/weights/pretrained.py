@@ -1,0 +1,126 @@
+"""Fine-tuning from Stable Diffusion's weights: ``pretrained=<single file or diffusers folder>``.
+
+``stage=ldm``: the U-Net is the file's (its architecture replaces the ``unet=`` preset's; the
+preset lends only its speed options), its weights and, where the file has a whole ``model_ema.``
+copy, the EMA's; the VAE is the file's unless ``vae_ckpt=`` names another, and the text encoder
+the file's unless ``text_encoder=`` names a pretrained one (the stage's default random tower is
+replaced). ``stage=vae``: the autoencoder is SD's VAE, the discriminator fresh, the encoder
+frozen unless ``model.freeze_encoder=false`` (a decoder fine-tune, how sd-vae-ft-mse was made:
+the latents stay those SD's U-Nets were trained on).
+
+Two steps, both called by :func:`sd_lightning.train.train`: :func:`configure` rewrites the
+config from the file's shapes alone (nothing is read), so the run's config, stored in every
+checkpoint, rebuilds the network without the file; :func:`load` reads the weights into the built
+system, unless the run resumes, whose checkpoint holds them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from sd_lightning.errors import InputError
+from sd_lightning.weights.read import check_keys, read_sd_unet, read_sd_unet_ema, read_sd_vae
+
+log = logging.getLogger(__name__)
+
+HINT = (
+    "Stable Diffusion weights to fine-tune: an original single file "
+    "(v1-5-pruned-emaonly.safetensors) or a diffusers folder (model_index.json, unet/, vae/)"
+)
+VAE_HINT = (
+    "Stable Diffusion's VAE to fine-tune: a single file, vae-ft-mse-840000-ema-pruned."
+    "safetensors, or a diffusers vae/ folder"
+)
+# what a unet= preset keeps under pretrained=: options of speed and memory, not of the function
+UNET_RUNTIME = ("dropout", "gradient_checkpointing", "fp32_norms", "channels_last")
+TEXT_ENCODER = "sd_lightning.models.OpenCLIPTextEncoder"
+
+
+def configure(cfg: DictConfig) -> None:
+    """Rewrite ``cfg`` for ``pretrained=`` (nothing without it); reads shapes, not weights."""
+    path = cfg.get("pretrained")
+    if not path:
+        return
+    path = str(path)
+    if not os.path.exists(path):
+        raise InputError(f"pretrained={path!r} does not exist: give {HINT}")
+    with open_dict(cfg):
+        if cfg.stage == "ldm":
+            _configure_ldm(cfg, path)
+        elif cfg.stage == "vae":
+            _configure_vae(cfg, path)
+        else:
+            raise InputError(f"pretrained= is for stage=ldm and stage=vae, not stage={cfg.stage}")
+
+
+def _configure_ldm(cfg: DictConfig, path: str) -> None:
+    part = read_sd_unet(path, "pretrained", HINT, meta=True)
+    runtime = {k: cfg.unet[k] for k in UNET_RUNTIME if k in cfg.unet}
+    cfg.unet = OmegaConf.create({"_target_": "sd_lightning.models.UNetModel", **part.config})
+    cfg.unet.update(runtime)
+    if cfg.get("vae_ckpt") is None:
+        cfg.vae_ckpt = path
+    text = cfg.text_encoder
+    if text.get("random_text_cfg") is not None:  # the stage's default: SD's own text encoder
+        cfg.text_encoder = OmegaConf.create(
+            {"_target_": TEXT_ENCODER, "pretrained": path, "layer": "auto"}
+        )
+    log.info(
+        "pretrained: %s's U-Net from %s (%d levels, %d-d context); VAE from %s; text encoder %s",
+        part.family,
+        path,
+        len(part.config["channel_mult"]),
+        part.config["context_dim"],
+        cfg.vae_ckpt,
+        "from it" if cfg.text_encoder.get("pretrained") == path else "from text_encoder=",
+    )
+
+
+def _configure_vae(cfg: DictConfig, path: str) -> None:
+    part = read_sd_vae(path, "pretrained", VAE_HINT, meta=True)
+    cfg.vae = OmegaConf.create(
+        {
+            "_target_": "sd_lightning.models.AutoencoderKL",
+            **part.config,
+            "resolution": cfg.data.image_size,
+        }
+    )
+
+
+def load(system: torch.nn.Module, cfg: DictConfig, resume: str | None) -> None:
+    """The file's weights into ``system`` (built from :func:`configure`'s config), unless the run
+    resumes from ``resume``."""
+    path = cfg.get("pretrained")
+    if not path:
+        return
+    path = str(path)
+    if resume:
+        log.info("pretrained=%s: not read, the run resumes from %s", path, resume)
+        return
+    if cfg.stage == "vae":
+        part = read_sd_vae(path, "pretrained", VAE_HINT)
+        check_keys(system.autoencoder, part.state, f"pretrained={path!r} (VAE)")
+        system.autoencoder.load_state_dict(part.state)
+        frozen = "encoder frozen" if system.freeze_encoder else "encoder trained too"
+        log.info("pretrained: the autoencoder from %s (%s; discriminator fresh)", path, frozen)
+        return
+    part = read_sd_unet(path, "pretrained", HINT)
+    where = f"pretrained={path!r} (U-Net)"
+    check_keys(system.unet, part.state, where)
+    system.unet.load_state_dict(part.state)
+    if system.ema is None:
+        log.info("pretrained: the U-Net's weights from %s (no EMA kept)", path)
+        return
+    ema, updates = read_sd_unet_ema(path, "pretrained", HINT, list(part.state))
+    system.ema.net.load_state_dict(ema if ema is not None else part.state)
+    system.ema.num_updates.fill_(updates)
+    system.ema.resync()
+    log.info(
+        "pretrained: the U-Net's weights from %s; its EMA from %s",
+        path,
+        f"the file's EMA copy ({updates} updates)" if ema is not None else "the same weights",
+    )

@@ -1,0 +1,220 @@
+"""Our stage-2 networks as the files other tools load: an original single file (the CompVis layout
+ComfyUI and AUTOMATIC1111 read: ``model.diffusion_model.``, ``first_stage_model.``, and the text
+encoder under ``cond_stage_model.``) or a diffusers pipeline folder (``model_index.json``, each
+part's ``config.json`` and safetensors, a CLIP tokenizer and a DDIM scheduler with the run's
+schedule) that ``StableDiffusionPipeline.from_pretrained`` loads.
+
+The text encoder is written in SD's layout for its kind: SD 1.x's CLIP (quick-GELU, prompts padded
+with end-of-text) in transformers' names, SD 2.x's OpenCLIP in OpenCLIP's. A random tower (the
+demo's) has no such layout and is left out; the writers return what is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from sd_lightning.weights import configs, layouts
+from sd_lightning.weights.clip import hf_from_openclip
+from sd_lightning.weights.pipeline import SD_SCHEDULER
+from sd_lightning.weights.tokenizer import write_clip_tokenizer
+
+DIFFUSERS_VERSION = "0.30.0"  # the format written (read by every diffusers since)
+SD1_TEXT, SD2_TEXT = "cond_stage_model.transformer.", "cond_stage_model.model."
+BETAS = {"scaled_linear": "scaled_linear", "linear": "linear", "cosine": "squaredcos_cap_v2"}
+
+
+@dataclass
+class Release:
+    """What an export holds: the networks (the U-Net's chosen weights: EMA or online), the text
+    encoder (``None``: none in SD's layout) and how the model samples."""
+
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    text: torch.nn.Module | None
+    latent_scale: float
+    prediction: str
+    schedule: dict[str, Any]
+    spacing: str
+    image_size: int
+
+
+def text_layout(encoder: torch.nn.Module | None) -> str | None:
+    """``"sd1"`` (CLIP: quick-GELU, end-of-text padding), ``"sd2"`` (OpenCLIP), or ``None``
+    for a random tower, which is no release's."""
+    if encoder is None or getattr(encoder, "random", False):
+        return None
+    from open_clip.transformer import QuickGELU
+
+    mlp = encoder.tower.transformer.resblocks[0].mlp
+    return "sd1" if isinstance(getattr(mlp, "gelu", None), QuickGELU) else "sd2"
+
+
+def _cast(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    return {
+        k: (v.to(dtype) if v.is_floating_point() else v).detach().cpu().contiguous()
+        for k, v in state.items()
+    }
+
+
+def _tower_state(release: Release, layers: int | None = None) -> dict[str, torch.Tensor]:
+    """The text tower's OpenCLIP-named weights; ``layers``: only the first so many blocks."""
+    state = release.text.tower.state_dict()
+    if layers is None:
+        return state
+    keep = tuple(f"transformer.resblocks.{i}." for i in range(layers))
+    return {
+        k: v
+        for k, v in state.items()
+        if not k.startswith("transformer.resblocks.") or k.startswith(keep)
+    }
+
+
+def single_file_state(release: Release) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The tensors of an original single file, and what it lacks."""
+    state = {
+        **layouts.to_original(release.unet.state_dict(), "unet"),
+        **layouts.to_original(release.vae.state_dict(), "vae"),
+    }
+    layout = text_layout(release.text)
+    if layout == "sd1":
+        text = hf_from_openclip(_tower_state(release))
+        state.update({SD1_TEXT + k: v for k, v in text.items()})
+    elif layout == "sd2":
+        state.update({SD2_TEXT + k: v for k, v in _tower_state(release).items()})
+    return state, [] if layout else ["text encoder"]
+
+
+def write_single_file(release: Release, path: str, dtype: torch.dtype) -> list[str]:
+    """Write ``release`` as one original-layout safetensors file; returns what is missing."""
+    state, missing = single_file_state(release)
+    meta = {"format": "pt", "prediction_type": release.prediction}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    save_file(_cast(state, dtype), path, metadata=meta)
+    return missing
+
+
+def _json(path: str, data: dict[str, Any]) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+
+
+def _part(folder: str, name: str, config: dict[str, Any], state: dict, stem: str) -> None:
+    _json(os.path.join(folder, name, "config.json"), config)
+    save_file(state, os.path.join(folder, name, f"{stem}.safetensors"), metadata={"format": "pt"})
+
+
+def _text_config(release: Release, layers: int, layout: str, dtype: torch.dtype) -> dict:
+    tower = release.text.tower
+    block = tower.transformer.resblocks[0]
+    width = tower.transformer.width
+    return {
+        "architectures": ["CLIPTextModel"],
+        "model_type": "clip_text_model",
+        "hidden_size": width,
+        "intermediate_size": block.mlp.c_fc.out_features,
+        "num_attention_heads": block.attn.num_heads,
+        "num_hidden_layers": layers,
+        "max_position_embeddings": tower.positional_embedding.shape[0],
+        "vocab_size": tower.token_embedding.num_embeddings,
+        "hidden_act": "quick_gelu" if layout == "sd1" else "gelu",
+        "layer_norm_eps": 1e-5,
+        "projection_dim": width,
+        "bos_token_id": 49406,
+        "eos_token_id": 49407,
+        "pad_token_id": 49407 if layout == "sd1" else 0,
+        "torch_dtype": str(dtype).removeprefix("torch."),
+    }
+
+
+def scheduler_config(release: Release) -> dict[str, Any]:
+    """A ``DDIMScheduler`` config with the run's schedule, prediction and spacing (SD's
+    settings: steps_offset 1, no clipping)."""
+    schedule = release.schedule
+    return {
+        "_class_name": "DDIMScheduler",
+        "_diffusers_version": DIFFUSERS_VERSION,
+        **SD_SCHEDULER,
+        "num_train_timesteps": schedule.get("num_timesteps", 1000),
+        "beta_start": schedule.get("beta_start", SD_SCHEDULER["beta_start"]),
+        "beta_end": schedule.get("beta_end", SD_SCHEDULER["beta_end"]),
+        "beta_schedule": BETAS[schedule.get("beta_schedule", "scaled_linear")],
+        "prediction_type": release.prediction,
+        "timestep_spacing": release.spacing,
+        "rescale_betas_zero_snr": bool(schedule.get("zero_terminal_snr", False)),
+    }
+
+
+def write_diffusers(release: Release, folder: str, dtype: torch.dtype) -> list[str]:
+    """Write ``release`` as a diffusers ``StableDiffusionPipeline`` folder; returns what is
+    missing (then ``null`` in ``model_index.json``: pass it to ``from_pretrained``)."""
+    unet_cfg = release.unet.config
+    factor = release.vae.downsample_factor
+    unet_d = configs.unet_diffusers_config(unet_cfg, release.image_size // factor)
+    unet_state, _ = layouts.convert(
+        release.unet.state_dict(), layouts.unet_blocks(unet_cfg), to_diffusers=True
+    )
+    head = {"_diffusers_version": DIFFUSERS_VERSION}
+    _part(
+        folder,
+        "unet",
+        {"_class_name": "UNet2DConditionModel", **head, **unet_d},
+        _cast(unet_state, dtype),
+        "diffusion_pytorch_model",
+    )
+    vae_cfg = release.vae.config
+    vae_state, _ = layouts.convert(
+        release.vae.state_dict(), layouts.vae_blocks(vae_cfg), to_diffusers=True
+    )
+    vae_d = {
+        **configs.vae_diffusers_config(vae_cfg),
+        "sample_size": release.image_size,
+        "scaling_factor": release.latent_scale,
+    }
+    _part(
+        folder,
+        "vae",
+        {"_class_name": "AutoencoderKL", **head, **vae_d},
+        _cast(vae_state, dtype),
+        "diffusion_pytorch_model",
+    )
+    _json(os.path.join(folder, "scheduler", "scheduler_config.json"), scheduler_config(release))
+    layout = text_layout(release.text)
+    index: dict[str, Any] = {
+        "_class_name": "StableDiffusionPipeline",
+        **head,
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "scheduler": ["diffusers", "DDIMScheduler"],
+        "text_encoder": [None, None],
+        "tokenizer": [None, None],
+        "safety_checker": [None, None],
+        "feature_extractor": [None, None],
+        "image_encoder": [None, None],
+        "requires_safety_checker": False,
+    }
+    if layout is not None:
+        # diffusers' SD 2 text encoder ends where SD reads it (23 of OpenCLIP's 24 blocks)
+        blocks = len(release.text.tower.transformer.resblocks)
+        layers = blocks - release.text.skip if layout == "sd2" else blocks
+        text_state = hf_from_openclip(_tower_state(release, layers))
+        _part(
+            folder,
+            "text_encoder",
+            _text_config(release, layers, layout, dtype),
+            _cast(text_state, dtype),
+            "model",
+        )
+        pad = "eot" if release.text.pad_eot else "zero"
+        write_clip_tokenizer(os.path.join(folder, "tokenizer"), pad, release.text.context_length)
+        index["text_encoder"] = ["transformers", "CLIPTextModel"]
+        index["tokenizer"] = ["transformers", "CLIPTokenizer"]
+    _json(os.path.join(folder, "model_index.json"), index)
+    return [] if layout else ["text encoder", "tokenizer"]

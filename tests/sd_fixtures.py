@@ -1,0 +1,113 @@
+"""Tiny Stable Diffusion networks and folders for the weight tests: SD 1.x and 2.x layouts at a
+tenth of their width, written by diffusers and transformers themselves (``save_pretrained``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from sd_lightning.models import AutoencoderKL
+from sd_lightning.weights.configs import unet_diffusers_config, vae_diffusers_config
+from sd_lightning.weights.pipeline import SD_SCHEDULER
+from sd_lightning.weights.tokenizer import write_clip_tokenizer
+
+HINT = "SD weights"
+# SD 1.x and 2.x at a tenth of their width: every structural feature, seconds on a CPU
+UNETS = {
+    "sd1": dict(
+        model_channels=32,
+        channel_mult=[1, 2, 2, 2],
+        num_res_blocks=2,
+        attention_levels=[0, 1, 2],
+        num_heads=8,
+        num_head_channels=-1,
+        transformer_depth=2,
+        context_dim=768,
+        use_linear_in_transformer=False,
+        norm_groups=32,
+    ),
+    "sd2": dict(
+        model_channels=64,
+        channel_mult=[1, 1, 2, 2],
+        num_res_blocks=1,
+        attention_levels=[0, 1, 2],
+        num_heads=-1,
+        num_head_channels=64,
+        transformer_depth=1,
+        context_dim=1024,
+        use_linear_in_transformer=True,
+        norm_groups=32,
+    ),
+}
+VAE = dict(ch=32, ch_mult=[1, 2, 2, 2], num_res_blocks=2, z_channels=4, embed_dim=4)
+
+
+def randomize(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Zero-initialised layers would hide mistakes: every weight random."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return module.eval()
+
+
+# two levels each: the pipeline a training test fine-tunes in seconds (32 px images)
+SMALL_UNET = {
+    **UNETS["sd1"],
+    "channel_mult": [1, 2],
+    "num_res_blocks": 1,
+    "attention_levels": [0, 1],
+    "transformer_depth": 1,
+    "context_dim": 64,
+    "norm_groups": 8,
+}
+SMALL_VAE = dict(ch=16, ch_mult=[1, 2], num_res_blocks=1, z_channels=4, embed_dim=4, norm_groups=8)
+
+
+def clip_model(transformers, layers: int = 2):
+    cfg = transformers.CLIPTextConfig(
+        vocab_size=49408,  # the tokenizer's ids
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=1,  # 64-wide heads, as every CLIP text tower SD uses
+        max_position_embeddings=77,
+        hidden_act="quick_gelu",
+    )
+    return randomize(transformers.CLIPTextModel(cfg))
+
+
+def pipeline_folder(
+    tmp_path: Path,
+    unet: dict[str, Any] | None = None,
+    vae: dict[str, Any] | None = None,
+    sample_size: int = 8,
+    name: str = "tiny-sd",
+) -> tuple:
+    """A tiny SD 1-like diffusers pipeline folder written by diffusers and transformers (the
+    4-level SD 1 layout unless ``unet``/``vae`` say otherwise; a 64-d CLIP text model)."""
+    diffusers = pytest.importorskip("diffusers")
+    transformers = pytest.importorskip("transformers")
+    folder = tmp_path / name
+    unet_cfg = {"in_channels": 4, "out_channels": 4, **(unet or UNETS["sd1"]), "context_dim": 64}
+    config = unet_diffusers_config(unet_cfg, sample_size)
+    unet_net = randomize(diffusers.UNet2DConditionModel(**config), 1)
+    vae_cfg = {**AutoencoderKL(**(vae or VAE)).config, "resolution": 32}
+    vae_net = randomize(diffusers.AutoencoderKL(**vae_diffusers_config(vae_cfg)), 2)
+    text = clip_model(transformers)
+    scheduler = diffusers.DDIMScheduler(**SD_SCHEDULER)
+    words = write_clip_tokenizer(str(tmp_path / f"{name}-tokenizer"))
+    diffusers.StableDiffusionPipeline(
+        vae=vae_net,
+        text_encoder=text,
+        tokenizer=transformers.CLIPTokenizer.from_pretrained(words),
+        unet=unet_net,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    ).save_pretrained(folder)
+    return folder, unet_net, vae_net, text, scheduler
