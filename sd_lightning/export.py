@@ -49,10 +49,11 @@ def check_export(cfg: DictConfig) -> None:
 def release_of(cfg: DictConfig) -> tuple[Any, str]:
     """The networks and sampling settings of ``cfg.ckpt`` as a :class:`Release`, and which
     weights of the U-Net it holds."""
-    from sd_lightning.sample import load_ldm
+    from sd_lightning.sample import apply_loras, load_ldm
     from sd_lightning.weights.write import Release
 
     system = load_ldm(cfg.ckpt, prediction=cfg.get("prediction"), use_ema=cfg.use_ema)
+    apply_loras(system, cfg.get("lora"), cfg.get("lora_scale", 1.0))  # merged into the U-Net
     unet = system.sampling_net if cfg.use_ema else system.unet
     if system.ema is None:  # SD weights: load_sd_system took the file's EMA copy where asked
         which = "as loaded"

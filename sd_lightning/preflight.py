@@ -57,6 +57,12 @@ def check_training(cfg: DictConfig) -> None:
         check_resume_file(str(ckpt_path), cfg.get("stage"))
     if cfg.get("pretrained"):
         check_pretrained(str(cfg.pretrained))
+    finetune = cfg.get("finetune")
+    if finetune and finetune.get("_target_") and not cfg.get("pretrained"):
+        raise InputError(
+            "a fine-tuning method (finetune=...) trains on base weights: give pretrained=... "
+            "(Stable Diffusion weights, a single file or a diffusers folder)"
+        )
     if cfg.get("stage") == "ldm" and not cfg.get("vae_ckpt") and not cfg.get("pretrained"):
         raise InputError(
             "stage=ldm needs vae_ckpt=... (a stage=vae run's checkpoints/last.ckpt, or Stable "

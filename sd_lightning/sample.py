@@ -38,11 +38,43 @@ def load_ldm(
     checkpoint = read_checkpoint(path, "ldm", key, LDM_HINT)
     meta = checkpoint["sd_lightning"]
     model_cfg: dict[str, Any] = dict(meta["config"]["model"])
-    model_cfg["vae"] = {"_target_": "sd_lightning.models.AutoencoderKL", **meta["vae_config"]}
+    partial = "base" in meta  # a LoRA's checkpoint: the base weights (and VAE) from their files
+    if not partial:
+        model_cfg["vae"] = {"_target_": "sd_lightning.models.AutoencoderKL", **meta["vae_config"]}
     system = instantiate(OmegaConf.create(model_cfg))
-    system.load_state_dict(checkpoint["state_dict"])
+    if partial:
+        from sd_lightning.finetune.base import check_base
+        from sd_lightning.weights import pretrained
+
+        pretrained.load(system, OmegaConf.create(meta["config"]), resume=None)
+        check_base(meta["base"], system.base_reference, f"{key}={str(path)!r}")
+    system.load_state_dict(checkpoint["state_dict"], strict=not partial)
     system.run_config = meta["config"]
     return system.eval()
+
+
+def apply_loras(system: LatentDiffusionSystem, paths: Any, scales: Any) -> None:
+    """Merge LoRA files (kohya's or diffusers') into the sampling U-Net, each with its scale
+    (one number for all, or one per file); a U-Net trained with adapters has them merged first."""
+    from sd_lightning.finetune.lora import merge_adapters
+    from sd_lightning.finetune.lora_files import merge_lora
+
+    if system.partial:  # sample with the adapters merged: a plain U-Net, full speed
+        system.unet = merge_adapters(system.unet)
+        if system.ema is not None:
+            system.ema.net = merge_adapters(system.ema.net)
+    paths = [paths] if isinstance(paths, str) else list(paths or [])
+    if isinstance(scales, (int, float)):
+        scales = [float(scales)] * len(paths)
+    scales = list(scales)
+    if len(scales) != len(paths):
+        raise InputError(
+            f"lora_scale has {len(scales)} values for {len(paths)} LoRA files: give one for all, "
+            "or one per file"
+        )
+    for lora, scale in zip(paths, scales):
+        layers = merge_lora(system.sampling_net, str(lora), float(scale))
+        log.info("LoRA %s (scale %s): merged into %d layers", lora, scale, layers)
 
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -65,6 +97,7 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = sampling_dtype(cfg.get("dtype", "auto"), device)
     system = load_ldm(cfg.ckpt, prediction=cfg.get("prediction"), use_ema=cfg.use_ema)
+    apply_loras(system, cfg.get("lora"), cfg.get("lora_scale", 1.0))
     if cfg.image_size is not None:
         system.check_image_size(int(cfg.image_size), "image_size")
     system = system.to(device)

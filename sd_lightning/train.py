@@ -98,12 +98,18 @@ def _finish_wandb(loggers: list[Any]) -> None:
 def export_weights(
     system: L.LightningModule, output_dir: str, stage: str, write: bool = True
 ) -> str | None:
-    """Write ``system.export_weights()`` to ``<output_dir>/export/<stage>.safetensors`` (where
-    ``write``: rank 0); the metadata holds the JSON config that rebuilds the network."""
-    state, meta = system.export_weights()
+    """Write each of ``system.export_weights()`` to ``<output_dir>/export/<stem>.safetensors``
+    (where ``write``: rank 0; ``<stage>.safetensors``, or a LoRA's files); metadata values that
+    are not strings are stored as JSON (the config that rebuilds the network). Returns the
+    paths, joined."""
+    files = system.export_weights()
     if not write:
         return None
-    path = os.path.join(output_dir, "export", f"{stage}.safetensors")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    save_file(state, path, metadata={k: json.dumps(v) for k, v in meta.items()})
-    return path
+    paths = []
+    for stem, (state, meta) in files.items():
+        path = os.path.join(output_dir, "export", f"{stem}.safetensors")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        text = {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
+        save_file(state, path, metadata=text)
+        paths.append(path)
+    return ", ".join(paths)

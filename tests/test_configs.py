@@ -19,6 +19,7 @@ GROUPS = [
     "logger",
     "experiment",
     "stage",
+    "finetune",
 ]
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import DATA_TINY, LDM_TINY, TINY, compose_config, run_cli_all
 from hydra.utils import instantiate
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from sd_fixtures import SMALL_UNET, SMALL_VAE, UNETS, pipeline_folder, randomize
 
 from sd_lightning.models import AutoencoderKL, UNetModel
@@ -197,42 +197,3 @@ def test_bad_pretrained_files_name_the_file_and_the_fix(tmp_path, ldm_ckpt):
         assert "Traceback" not in out.stderr
     assert "from safetensors.torch import save_file" in results[1].stderr  # how to convert it
     assert not any((tmp_path / f"run{i}" / "checkpoints").exists() for i in range(len(cases)))
-
-
-@pytest.mark.slow
-def test_fsdp_fine_tunes_from_a_folder_and_its_sharded_checkpoint_exports(tmp_path, data_dir):
-    from conftest import run_cli
-
-    folder, unet, *_ = pipeline_folder(tmp_path, SMALL_UNET, SMALL_VAE, sample_size=16)
-    run = tmp_path / "fsdp"
-    out = run_cli(
-        *[o for o in LDM if not o.startswith(("logger=", "trainer="))],
-        "trainer=fsdp",
-        "trainer.accelerator=cpu",
-        "trainer.devices=2",
-        "trainer.precision=32-true",
-        "trainer.max_steps=2",
-        "trainer.limit_val_batches=1",
-        "trainer.num_sanity_val_steps=0",
-        "logger=csv",
-        "model.optimizer.lr=0",
-        f"pretrained={folder}",
-        f"paths.data_dir={data_dir}",
-        f"hydra.run.dir={run}",
-        timeout=300,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    last = run / "checkpoints" / "last.ckpt"
-    assert last.is_dir()  # one shard per rank
-    exported = tmp_path / "exported"
-    res = run_cli(
-        "stage=export",
-        f"ckpt={last}",
-        "format=diffusers",
-        f"output={exported}",
-        f"hydra.run.dir={tmp_path / 'export_run'}",
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
-    back = load_file(exported / "unet" / "diffusion_pytorch_model.safetensors")
-    for key, value in unet.state_dict().items():  # learning rate 0: the folder's weights
-        assert torch.equal(back[key], value), key

@@ -30,6 +30,9 @@ from sd_lightning.diffusion.guidance import generate
 from sd_lightning.diffusion.prediction import add_noise, v_target
 from sd_lightning.diffusion.training import min_snr_weight, offset_noise
 from sd_lightning.errors import InputError
+from sd_lightning.finetune.base import check_base, trained_state
+from sd_lightning.finetune.lora import adapter_state
+from sd_lightning.finetune.lora_files import lora_files
 from sd_lightning.models.autoencoder import AutoencoderKL, DiagonalGaussian
 from sd_lightning.models.ema import EMA
 from sd_lightning.models.frozen import Frozen
@@ -103,6 +106,9 @@ class LatentDiffusionSystem(StepSeededMixin, StageCheckpointMixin):
         compile_scope: ``layers`` (each layer of each block; works with FSDP) or ``model`` (the
             whole forward as one graph; not with ``trainer=fsdp``).
         compile_options: keyword arguments of ``torch.compile`` (``mode``, ``dynamic``...).
+        finetune: a method from :mod:`sd_lightning.finetune` (``LoRA``): it adapts the U-Net
+            before anything else sees it, and a partial one (LoRA) makes checkpoints hold only
+            what it trains, with the base weights' reference (``pretrained=``).
     """
 
     checkpoint_stage = STAGE
@@ -133,6 +139,7 @@ class LatentDiffusionSystem(StepSeededMixin, StageCheckpointMixin):
         compile: bool = False,
         compile_scope: str = "layers",
         compile_options: dict[str, Any] | None = None,
+        finetune: Any = None,
     ):
         super().__init__()
         if prediction not in ("epsilon", "v_prediction"):
@@ -170,8 +177,15 @@ class LatentDiffusionSystem(StepSeededMixin, StageCheckpointMixin):
                 "val_prompts",
                 "val_sampler",
                 "compile_options",
+                "finetune",
             ]
         )
+        self.finetune = finetune or None  # finetune=none composes to an empty node
+        if self.finetune is not None:
+            unet = self.finetune.apply(unet)
+        self.partial = bool(getattr(self.finetune, "partial", False))
+        self.strict_loading = not self.partial  # partial checkpoints: the base comes from its file
+        self.base_reference: dict[str, Any] | None = None  # set by pretrained.load
         self.unet = unet
         self.ema = EMA(unet, ema_decay) if ema_decay is not None else None
         self.vae = vae.requires_grad_(False).eval()
@@ -244,21 +258,51 @@ class LatentDiffusionSystem(StepSeededMixin, StageCheckpointMixin):
         return self
 
     def checkpoint_extras(self) -> dict[str, Any]:
-        return {"vae_config": self.vae.config}  # rebuilds the frozen VAE for sampling
+        extras = {"vae_config": self.vae.config}  # rebuilds the frozen VAE for sampling
+        if self.partial:
+            extras["base"] = self.base_reference
+        return extras
 
-    def export_weights(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """The U-Net's weights (EMA if kept; original SD names) and the config that builds it.
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        if self.partial:  # the adapters only: the base weights are pretrained='s
+            checkpoint["state_dict"] = trained_state(self, checkpoint["state_dict"])
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        if self.partial:
+            saved = checkpoint["sd_lightning"].get("base")
+            check_base(saved, self.base_reference, "ckpt_path")
+            expected = trained_state(self, self.state_dict())
+            missing = sorted(set(expected) - set(checkpoint["state_dict"]))
+            if missing:
+                raise InputError(
+                    f"ckpt_path lacks {len(missing)} of this fine-tune's trained tensors "
+                    f"({missing[0]}...): it was written by another finetune= setting"
+                )
+
+    def export_weights(self) -> dict[str, tuple[dict[str, torch.Tensor], dict[str, Any]]]:
+        """``{file stem: (tensors, metadata)}``: the U-Net's weights (EMA if kept; original SD
+        names) and the config that builds it, or a LoRA's files (kohya's and diffusers').
         When sharded, every rank must call it (the shards are gathered)."""
         net = self.ema.net if self.ema is not None else self.unet
         state = full_state_dict(net)
-        return state, {
-            "stage": STAGE,
-            "model": "unet",
-            "config": net.config,
-            "ema": self.ema is not None,
-            "latent_scale": float(self.latent_scale),
-            "prediction": self.prediction,
-            "step": self.global_step,
+        if self.partial:
+            adapters = adapter_state(state)
+            return lora_files(adapters, net, self.finetune.rank, self.finetune.alpha)
+        return {
+            STAGE: (
+                state,
+                {
+                    "stage": STAGE,
+                    "model": "unet",
+                    "config": net.config,
+                    "ema": self.ema is not None,
+                    "latent_scale": float(self.latent_scale),
+                    "prediction": self.prediction,
+                    "step": self.global_step,
+                },
+            )
         }
 
     # -- latents and text ----------------------------------------------------------------------------
@@ -438,7 +482,7 @@ class LatentDiffusionSystem(StepSeededMixin, StageCheckpointMixin):
 
     # -- optimizers --------------------------------------------------------------------------------
     def configure_optimizers(self):
-        optimizer = self.optimizer_factory(self.unet.parameters())
+        optimizer = self.optimizer_factory([p for p in self.unet.parameters() if p.requires_grad])
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer)

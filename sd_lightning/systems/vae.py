@@ -122,17 +122,13 @@ class VAESystem(StepSeededMixin, StageCheckpointMixin):
             # before disc_start: DDP must tolerate parameters without gradients.
             self.trainer.strategy._ddp_kwargs["find_unused_parameters"] = True
 
-    def export_weights(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """The autoencoder's weights (CompVis names) and the config that builds it, for
-        safetensors export."""
+    def export_weights(self) -> dict[str, tuple[dict[str, torch.Tensor], dict[str, Any]]]:
+        """``{"vae": (weights, metadata)}``: the autoencoder's weights (CompVis names) and the
+        config that builds it, for safetensors export."""
         state = full_state_dict(self.autoencoder)
         config = (self.run_config or {}).get("vae", {})
-        return state, {
-            "stage": STAGE,
-            "model": "autoencoder",
-            "config": config,
-            "step": self.global_step,
-        }
+        meta = {"stage": STAGE, "model": "autoencoder", "config": config, "step": self.global_step}
+        return {STAGE: (state, meta)}
 
     # -- training ----------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:

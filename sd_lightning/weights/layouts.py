@@ -141,6 +141,11 @@ def _rename(key: str, blocks: list[tuple[str, str, tuple]], to_diffusers: bool) 
     return None, ()
 
 
+def rename(key: str, blocks: list[tuple[str, str, tuple]], to_diffusers: bool) -> str | None:
+    """One parameter or module name in the other layout (``None``: no block covers it)."""
+    return _rename(key, blocks, to_diffusers)[0]
+
+
 def convert(
     state: dict[str, torch.Tensor], blocks: list[tuple[str, str, tuple]], to_diffusers: bool
 ) -> tuple[dict[str, torch.Tensor], list[str]]:

@@ -93,14 +93,20 @@ def _configure_vae(cfg: DictConfig, path: str) -> None:
 
 def load(system: torch.nn.Module, cfg: DictConfig, resume: str | None) -> None:
     """The file's weights into ``system`` (built from :func:`configure`'s config), unless the run
-    resumes from ``resume``."""
+    resumes from ``resume`` and its checkpoints hold every weight. A partial fine-tune (LoRA)
+    always starts from the file, and records it (path and SHA-256) for its checkpoints."""
     path = cfg.get("pretrained")
     if not path:
         return
     path = str(path)
-    if resume:
+    partial = bool(getattr(system, "partial", False))
+    if resume and not partial:
         log.info("pretrained=%s: not read, the run resumes from %s", path, resume)
         return
+    if partial:
+        from sd_lightning.finetune.base import base_reference
+
+        system.base_reference = base_reference(path)
     if cfg.stage == "vae":
         part = read_sd_vae(path, "pretrained", VAE_HINT)
         check_keys(system.autoencoder, part.state, f"pretrained={path!r} (VAE)")
@@ -110,6 +116,11 @@ def load(system: torch.nn.Module, cfg: DictConfig, resume: str | None) -> None:
         return
     part = read_sd_unet(path, "pretrained", HINT)
     where = f"pretrained={path!r} (U-Net)"
+    if partial:  # adapted layers keep their weights under base_layer (peft)
+        for net in [system.unet] + ([system.ema.net] if system.ema is not None else []):
+            load_base(net, part.state, where)
+        log.info("pretrained: the U-Net's weights from %s (base of the adapters)", path)
+        return
     check_keys(system.unet, part.state, where)
     system.unet.load_state_dict(part.state)
     if system.ema is None:
@@ -124,3 +135,25 @@ def load(system: torch.nn.Module, cfg: DictConfig, resume: str | None) -> None:
         path,
         f"the file's EMA copy ({updates} updates)" if ema is not None else "the same weights",
     )
+
+
+def load_base(unet: torch.nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+    """Base weights into a U-Net with adapters: every key of ``state`` to its place (under
+    ``base_layer`` where peft wrapped the layer), every base weight given."""
+    own = {k for k in unet.state_dict() if ".lora_" not in k}
+    placed = {}
+    for key, value in state.items():
+        module, _, leaf = key.rpartition(".")
+        wrapped = f"{module}.base_layer.{leaf}"
+        placed[wrapped if wrapped in own else key] = value
+    check_keys_subset(own, placed, where)
+    unet.load_state_dict(placed, strict=False)
+
+
+def check_keys_subset(own: set[str], placed: dict[str, torch.Tensor], where: str) -> None:
+    missing, unexpected = sorted(own - set(placed)), sorted(set(placed) - own)
+    if missing or unexpected:
+        raise InputError(
+            f"{where} does not fit the adapted U-Net: {len(missing)} missing "
+            f"({', '.join(missing[:3])}), {len(unexpected)} unexpected ({', '.join(unexpected[:3])})"
+        )

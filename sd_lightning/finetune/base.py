@@ -1,0 +1,67 @@
+"""The base weights a partial fine-tune (LoRA) trains on top of: its checkpoints hold only the
+trained parameters and a reference to the base (path and SHA-256), checked when they are read
+again, so an adapter is never silently applied to other weights."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from typing import Any
+
+import torch
+
+from sd_lightning.errors import InputError
+
+log = logging.getLogger(__name__)
+CHUNK = 16 << 20
+
+
+def _files(path: str) -> list[str]:
+    """The file, or a diffusers folder's weight files (sorted, relative order fixed)."""
+    if not os.path.isdir(path):
+        return [path]
+    found = []
+    for root, _, names in os.walk(path):
+        for name in names:
+            if name.endswith((".safetensors", ".bin")):
+                found.append(os.path.join(root, name))
+    return sorted(found)
+
+
+def fingerprint(path: str) -> str:
+    """SHA-256 of the weights (a file's bytes, as AUTOMATIC1111 and civitai hash models; a
+    folder's weight files in name order)."""
+    digest = hashlib.sha256()
+    for name in _files(path):
+        with open(name, "rb") as f:
+            while chunk := f.read(CHUNK):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def base_reference(path: str) -> dict[str, Any]:
+    return {"path": os.path.abspath(path), "sha256": fingerprint(path)}
+
+
+def check_base(saved: dict[str, Any] | None, current: dict[str, Any] | None, where: str) -> None:
+    """A partial checkpoint's base must be the weights it is loaded onto."""
+    if not saved or not current:
+        return
+    if saved["sha256"] != current["sha256"]:
+        raise InputError(
+            f"{where} holds adapters trained on {saved['path']} (sha256 {saved['sha256'][:12]}), "
+            f"but the base weights now are {current['path']} (sha256 "
+            f"{current['sha256'][:12]}): give pretrained= the weights it was trained on"
+        )
+
+
+def trained_state(
+    system: torch.nn.Module, state: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """The entries of ``state`` (the system's) that a partial checkpoint keeps: the trainable
+    parameters, their EMA copies, the EMA's count and the latent scale."""
+    trained = {n for n, p in system.named_parameters() if p.requires_grad}
+    ema = {"ema.net." + n[len("unet.") :] for n in trained if n.startswith("unet.")}
+    keep = trained | ema | {"ema.num_updates", "latent_scale"}
+    return {k: v for k, v in state.items() if k in keep}
