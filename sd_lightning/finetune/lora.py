@@ -61,7 +61,6 @@ class LoRA:
             for name, module in unet.named_modules()
             if isinstance(module, (nn.Linear, nn.Conv2d))
             and any(name == s or name.endswith("." + s) for s in suffixes)
-            and ("transformer_blocks" in name or self.targets != "attention")
         ]
 
     def apply(self, unet: nn.Module) -> nn.Module:

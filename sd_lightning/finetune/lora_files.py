@@ -15,7 +15,6 @@ Applying one (``stage=sample lora=[...]``, ``stage=export lora=[...]``) merges
 from __future__ import annotations
 
 import os
-from typing import Any
 
 import torch
 from torch import nn
@@ -131,10 +130,3 @@ def merge_lora(unet: nn.Module, path: str, scale: float = 1.0) -> int:
         delta = (b.flatten(1).float() @ a.flatten(1).float()).reshape(module.weight.shape)
         module.weight.add_(delta.to(module.weight) * factor)
     return len(pairs)
-
-
-def lora_metadata(path: str) -> dict[str, Any]:
-    from safetensors import safe_open
-
-    with safe_open(path, "pt") as f:
-        return dict(f.metadata() or {})

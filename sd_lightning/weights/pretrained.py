@@ -70,8 +70,8 @@ def _configure_ldm(cfg: DictConfig, path: str) -> None:
             {"_target_": TEXT_ENCODER, "pretrained": path, "layer": "auto"}
         )
     log.info(
-        "pretrained: %s's U-Net from %s (%d levels, %d-d context); VAE from %s; text encoder %s",
-        part.family,
+        "pretrained: %s U-Net from %s (%d levels, %d-d context); VAE from %s; text encoder %s",
+        f"{part.family}'s" if part.family else "an SD-layout",
         path,
         len(part.config["channel_mult"]),
         part.config["context_dim"],
@@ -146,14 +146,5 @@ def load_base(unet: torch.nn.Module, state: dict[str, torch.Tensor], where: str)
         module, _, leaf = key.rpartition(".")
         wrapped = f"{module}.base_layer.{leaf}"
         placed[wrapped if wrapped in own else key] = value
-    check_keys_subset(own, placed, where)
+    check_keys(unet, placed, where, skip=".lora_")
     unet.load_state_dict(placed, strict=False)
-
-
-def check_keys_subset(own: set[str], placed: dict[str, torch.Tensor], where: str) -> None:
-    missing, unexpected = sorted(own - set(placed)), sorted(set(placed) - own)
-    if missing or unexpected:
-        raise InputError(
-            f"{where} does not fit the adapted U-Net: {len(missing)} missing "
-            f"({', '.join(missing[:3])}), {len(unexpected)} unexpected ({', '.join(unexpected[:3])})"
-        )

@@ -216,9 +216,12 @@ def build(cls: type, part: Part, where: str) -> torch.nn.Module:
     return net
 
 
-def check_keys(module: torch.nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
-    """Every key accounted for, with the right shapes: else an error listing what differs."""
-    own = module.state_dict()
+def check_keys(
+    module: torch.nn.Module, state: dict[str, torch.Tensor], where: str, skip: str | None = None
+) -> None:
+    """Every key accounted for, with the right shapes: else an error listing what differs.
+    ``skip``: the module's keys containing it are not expected in ``state`` (adapters)."""
+    own = {k: v for k, v in module.state_dict().items() if skip is None or skip not in k}
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     shapes = [
