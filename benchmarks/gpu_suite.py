@@ -9,7 +9,7 @@ Parts, in order (each a subprocess with its own time limit, so one failure or ha
 its share): ``tests`` (``pytest -m gpu``: both stages from the CLI on the GPU), ``unet_step``
 (ours against diffusers, the trick ladder, the largest batch), ``ldm_step`` (Lightning's
 overhead on the stage-2 step), ``vae_step`` (stage 1 at SD size), ``sampling`` (50 DDIM steps
-against diffusers' pipeline). Each part leaves ``<results>/<part>.json``; the markdown
+against diffusers' pipeline), ``lora_step`` (a LoRA step against a full fine-tuning step). Each part leaves ``<results>/<part>.json``; the markdown
 (``docs/benchmarks/gpu.md``) is made from every JSON in the results folder, so a re-run of some
 parts keeps the others' figures. With ``$OUT`` set (the device tool), the markdown, the JSON and
 the logs are copied there too.
@@ -63,6 +63,7 @@ def parts() -> dict[str, Part]:
     sampling_tiny = (
         "benchmarks/sampling.py --unet tiny --vae tiny --px 64 --device cpu --steps 3 --rounds 1"
     )
+    lora_tiny = "benchmarks/lora_step.py --unet tiny --batch 2 --size 8 --steps 1 --rounds 1"
     return {
         "tests": Part(
             "GPU tests: both stages from the CLI (`pytest -m gpu`)",
@@ -97,6 +98,13 @@ def parts() -> dict[str, Part]:
             timeout=60,
             needs=35,
             tiny_args=sampling_tiny.split(),
+        ),
+        "lora_step": Part(
+            "Fine-tuning: a LoRA step (rank 4 and 16) against a full fine-tuning step, SD 1.5",
+            "benchmarks/lora_step.py --unet sd15 --batch 8 --size 64 --steps 3 --rounds 3".split(),
+            timeout=100,
+            needs=50,
+            tiny_args=lora_tiny.split(),
         ),
     }
 
@@ -171,6 +179,7 @@ def _now() -> str:
 # -- markdown ------------------------------------------------------------------------------------
 def render(results: dict[str, dict[str, Any]], all_parts: dict[str, Part], notes: str = "") -> str:
     from lightning_steps import ldm_markdown, vae_markdown
+    from lora_step import markdown as lora_markdown
     from sampling import markdown as sampling_markdown
     from unet_step import to_markdown as unet_markdown
 
@@ -179,6 +188,7 @@ def render(results: dict[str, dict[str, Any]], all_parts: dict[str, Part], notes
         "ldm_step": ldm_markdown,
         "vae_step": vae_markdown,
         "sampling": sampling_markdown,
+        "lora_step": lora_markdown,
     }
     device = next((r["device"] for r in results.values() if r.get("device")), {})
     lines = [

@@ -3,7 +3,8 @@ every weight trained by AdamW, the others with peft's adapters only (rank 4 and 
 attention projections). Prints a table and writes docs/benchmarks/lora_step_<device>.md.
 
     .venv/bin/python benchmarks/lora_step.py                   # the demo's tiny U-Net, CPU
-    .venv/bin/python benchmarks/lora_step.py --unet sd15 --batch 4 --size 64   # on a GPU
+    .venv/bin/python benchmarks/lora_step.py --unet sd15 --batch 8 --size 64   # on a GPU
+                                                        # (a part of make gpu-suite)
 
 Steps are timed interleaved (each setting in turn, several rounds, median), after warm-up.
 """
@@ -11,6 +12,7 @@ Steps are timed interleaved (each setting in turn, several rounds, median), afte
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -58,6 +60,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="steps per timing")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--doc", default=None, help="markdown output (default: docs/benchmarks/)")
+    parser.add_argument("--json", default=None, help="also write the figures here (gpu_suite)")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     settings = {"full fine-tuning": None, "LoRA rank 4": 4, "LoRA rank 16": 16}
@@ -68,11 +71,20 @@ def main() -> None:
             steps[name]()  # warm-up
     times = interleaved(steps, args.steps, args.rounds, device)
     full = times["full fine-tuning"]
-    rows = [
-        [name, f"{trained[name]:,}", times[name] * 1000, full / times[name]] for name in settings
-    ]
-    table = md_table(["setting", "trained parameters", "ms / step", "speed vs full"], rows)
     info = device_info(device)
+    figures = {
+        "device": info,
+        "unet": args.unet,
+        "batch": args.batch,
+        "size": args.size,
+        "rows": [
+            [name, trained[name], times[name] * 1000, full / times[name]] for name in settings
+        ],
+    }
+    table = markdown(figures)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(figures, f, indent=1)
     where = f"{info.get('name') or 'CPU'}, {info['cpu_count']} CPU cores"
     command = "python benchmarks/lora_step.py " + " ".join(sys.argv[1:])
     doc = "\n".join(
@@ -91,12 +103,26 @@ def main() -> None:
         ]
     )
     print(table)
+    if args.json and not args.doc:  # a part of gpu_suite: its markdown is docs/benchmarks/gpu.md
+        return
     path = args.doc or os.path.join(
         ROOT, "docs", "benchmarks", f"lora_step_{'gpu' if device.type == 'cuda' else 'cpu'}.md"
     )
     with open(path, "w") as f:
         f.write(doc)
     print(f"written: {path}")
+
+
+def markdown(r: dict) -> str:
+    """The table of a run's figures (here and in docs/benchmarks/gpu.md)."""
+    rows = [[name, f"{n:,}", ms, speed] for name, n, ms, speed in r["rows"]]
+    header = [
+        f"U-Net {r['unet']}, batch {r['batch']}, {r['size']}x{r['size']} latents",
+        "trained parameters",
+        "ms / step",
+        "speed vs full",
+    ]
+    return md_table(header, rows)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from sd_lightning.checkpoints import read_checkpoint
 from sd_lightning.errors import InputError
+from sd_lightning.finetune.embedding_files import load_embeddings
 from sd_lightning.preflight import LDM_HINT, check_sampling, check_sampling_source
 from sd_lightning.systems.images import save_png, to_uint8
 from sd_lightning.systems.ldm import LatentDiffusionSystem, sample_grid
@@ -98,6 +99,9 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
     dtype = sampling_dtype(cfg.get("dtype", "auto"), device)
     system = load_ldm(cfg.ckpt, prediction=cfg.get("prediction"), use_ema=cfg.use_ema)
     apply_loras(system, cfg.get("lora"), cfg.get("lora_scale", 1.0))
+    words = load_embeddings(system.text_encoder.net, cfg.get("embeddings"))
+    if words:
+        log.info("embeddings: %s added to the text encoder", ", ".join(words))
     if cfg.image_size is not None:
         system.check_image_size(int(cfg.image_size), "image_size")
     system = system.to(device)

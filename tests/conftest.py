@@ -95,6 +95,14 @@ def vae_ckpt(tmp_path_factory, data_dir) -> Path:
     return run / "checkpoints" / "last.ckpt"
 
 
+@pytest.fixture(scope="session")
+def demo_model(tmp_path_factory, data_dir):
+    """The demo's two stages trained at 32 px, and their diffusers export (tests/demo_model.py)."""
+    from demo_model import train_demo_model
+
+    return train_demo_model(tmp_path_factory.mktemp("demo_model"), data_dir)
+
+
 @pytest.fixture
 def cfg_factory(tmp_path, data_dir):
     def make(*overrides: str, tiny: bool = True) -> DictConfig:

@@ -46,10 +46,17 @@ def test_every_part_runs_and_the_markdown_has_its_figures(suite):
     logs = "".join(p.read_text()[-3000:] for p in sorted((tmp / "logs").glob("*.log")))
     assert out.returncode == 0, out.stdout[-3000:] + logs
     md = (tmp / "gpu.md").read_text()
-    for title in ("U-Net training step", "Stage 2 as users run it", "Stage 1", "Sampling"):
+    titles = (
+        "U-Net training step",
+        "Stage 2 as users run it",
+        "Stage 1",
+        "Sampling",
+        "Fine-tuning",
+    )
+    for title in titles:
         assert f"## {title}" in md
-    assert md.count("exit 0") == 4 and "Not run yet." in md  # the pytest -m gpu part: GPU only
-    for part in ("unet_step", "ldm_step", "vae_step", "sampling"):
+    assert md.count("exit 0") == 5 and "Not run yet." in md  # the pytest -m gpu part: GPU only
+    for part in ("unet_step", "ldm_step", "vae_step", "sampling", "lora_step"):
         result = _json(tmp, part)
         assert result["returncode"] == 0 and result["command"].startswith("python benchmarks/")
         assert result["command"] in md
@@ -76,6 +83,10 @@ def test_lightning_and_sampling_parts_report_against_their_references(suite):
     assert labels[0].startswith("bare U-Net step") and labels[-1].startswith("train()")
     assert all(row[1] > 0 for row in ldm["rows"])
     assert _json(tmp, "vae_step")["images_per_s"] > 0
+    lora = {row[0]: row for row in _json(tmp, "lora_step")["rows"]}  # name, trained, ms, speed
+    assert set(lora) == {"full fine-tuning", "LoRA rank 4", "LoRA rank 16"}
+    assert lora["LoRA rank 4"][1] < lora["LoRA rank 16"][1] < lora["full fine-tuning"][1]
+    assert all(row[2] > 0 for row in lora.values())
     sampling = _json(tmp, "sampling")
     # ours and diffusers' pipeline from the same noise: the same images (float32 on the CPU)
     assert all(diff < 1e-4 for *_, diff in sampling["rows"]), sampling["rows"]

@@ -78,10 +78,14 @@ def _stage_of(experiment: str | None) -> str:
 
 
 @pytest.mark.parametrize("option", _options("experiment") + [None])
-def test_experiments_and_stage_build_system_and_data(cfg_factory, option, vae_ckpt):
+def test_experiments_and_stage_build_system_and_data(cfg_factory, option, vae_ckpt, tmp_path):
     overrides = [f"experiment={option}"] if option else []
     if _stage_of(option) == "ldm":
         base = [o for o in LDM_TINY if not o.startswith(("unet.", "text_encoder.", "model.val"))]
+        if "override /data: folder" in (CONF / "experiment" / f"{option}.yaml").read_text():
+            # a folder of photos: the shard options do not apply
+            base = [o for o in base if not o.startswith("data.") or o.startswith("data.image_size")]
+            overrides += [f"data.path={tmp_path}", "data.bucket_step=8"]
         cfg = cfg_factory(*base, *overrides, f"vae_ckpt={vae_ckpt}", tiny=False)
         system = instantiate(cfg.model)
         assert system.automatic_optimization is True
@@ -94,6 +98,20 @@ def test_experiments_and_stage_build_system_and_data(cfg_factory, option, vae_ck
         assert system.automatic_optimization is False
     data = instantiate(cfg.data)
     assert data.image_size == cfg.data.image_size
+
+
+@pytest.mark.parametrize("option", _options("finetune"))
+def test_finetune_options_build_into_the_stage2_system(cfg_factory, option, vae_ckpt):
+    base = [o for o in LDM_TINY if not o.startswith("model.val")]
+    cfg = cfg_factory(*base, f"finetune={option}", f"vae_ckpt={vae_ckpt}", tiny=False)
+    system = instantiate(cfg.model)
+    trained = [n for n, p in system.named_parameters() if p.requires_grad]
+    if option == "lora":
+        assert trained and all(".lora_" in n for n in trained)
+    elif option == "textual_inversion":
+        assert trained == ["embeddings.weight"]
+    else:  # none, dreambooth (the whole U-Net by default)
+        assert len(trained) == len(list(system.unet.parameters()))
 
 
 @pytest.mark.parametrize("option", _options("unet"))

@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from test_data import _jpeg, _write_shard
 
-from sd_lightning.data import WebDataModule
+from sd_lightning.data import FolderDataModule, WebDataModule
 from sd_lightning.data.pipeline import ShardPipeline, resampled_shards
 from sd_lightning.data.transforms import ImageTransform
 from sd_lightning.data.writer import write_shards
@@ -33,26 +33,42 @@ def _uneven_shards(root, sizes) -> str:
     return "::".join(str(root / f"shards{s}" / "000000.tar") for s in range(len(sizes)))
 
 
-def _count_batches(rank: int, world: int, port: int, urls: str, mode: str, out) -> None:
+def _count_batches(rank: int, world: int, port: int, urls: str, photos: str, out) -> None:
+    """Batches per epoch on this rank: shards in both modes, and a folder in buckets."""
+    import multiprocessing
+
+    # DataLoader workers forked, as under Lightning (a spawned worker re-imports everything:
+    # seconds each); the rank reaches them through set_epoch either way
+    multiprocessing.set_start_method("fork", force=True)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
+    trainer = type("T", (), {"world_size": world, "current_epoch": 0})()
     try:
-        dm = WebDataModule(
-            urls=urls,
-            val_shards=0,
-            image_size=16,
-            batch_size=3,
-            num_workers=2,
-            samples_per_epoch=60,
-            mode=mode,
-            shuffle_buffer=0,
+        counts = {}
+        for mode in ("resampled", "exact"):
+            dm = WebDataModule(
+                urls=urls,
+                val_shards=0,
+                image_size=16,
+                batch_size=3,
+                num_workers=2,
+                samples_per_epoch=60,
+                mode=mode,
+                shuffle_buffer=0,
+            )
+            dm.trainer = trainer
+            dm.setup("fit")
+            counts[mode] = [sum(1 for _ in dm.train_dataloader()) for _ in range(2)]
+        folder = FolderDataModule(
+            photos, caption="x", image_size=32, bucket_step=8, batch_size=2, num_workers=2
         )
-        dm.trainer = type("T", (), {"world_size": world, "current_epoch": 0})()
-        dm.setup("fit")
-        counts = []
-        for epoch in range(2):
-            dm.trainer.current_epoch = epoch
-            counts.append(sum(1 for _ in dm.train_dataloader()))
+        folder.trainer = trainer
+        folder.setup("fit")
+        shapes = set()
+        for batch in folder.train_dataloader():
+            shapes.add(tuple(batch["image"].shape[-2:]))
+        counts["folder"] = [sum(1 for _ in folder.train_dataloader()), sorted(shapes)]
+        counts["folder_expected"] = folder.batches_per_epoch()
         gathered = [None] * world
         dist.all_gather_object(gathered, counts)
         dist.barrier()  # every rank ends its epochs: no hang
@@ -64,14 +80,22 @@ def _count_batches(rank: int, world: int, port: int, urls: str, mode: str, out) 
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("mode", ["resampled", "exact"])
-def test_two_ranks_two_workers_get_equal_batches_over_uneven_shards(tmp_path, mode):
+def test_two_ranks_two_workers_get_equal_batches_over_uneven_shards_and_buckets(tmp_path):
+    from PIL import Image
+
     urls = _uneven_shards(tmp_path, [3, 17, 5, 9, 30, 2])
+    photos = tmp_path / "photos"  # 7 images in 3 buckets of about 32x32 pixels
+    photos.mkdir()
+    for i, size in enumerate(
+        [(32, 32), (40, 24), (24, 40), (60, 60), (80, 48), (18, 30), (32, 34)]
+    ):
+        Image.new("RGB", size, (i * 30, 0, 0)).save(photos / f"{i}.png")
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     port = 29500 + os.getpid() % 1000
     procs = [
-        ctx.Process(target=_count_batches, args=(r, 2, port, urls, mode, out)) for r in range(2)
+        ctx.Process(target=_count_batches, args=(r, 2, port, urls, str(photos), out))
+        for r in range(2)
     ]
     for p in procs:
         p.start()
@@ -80,7 +104,12 @@ def test_two_ranks_two_workers_get_equal_batches_over_uneven_shards(tmp_path, mo
         p.join(timeout=60)
         assert p.exitcode == 0
     # 60 samples / (3 per batch x 2 ranks) = 10 per rank, rounded up to a multiple of 2 workers
-    assert gathered == [[10, 10], [10, 10]]
+    for mode in ("resampled", "exact"):
+        assert [g[mode] for g in gathered] == [[10, 10], [10, 10]]
+    # the folder in buckets: as many batches on both ranks as the module plans, several shapes
+    (n0, shapes0), (n1, shapes1) = (g["folder"] for g in gathered)
+    assert n0 == n1 == gathered[0]["folder_expected"] > 0
+    assert len(set(shapes0) | set(shapes1)) == 3  # 24x40, 32x32 and 40x24
 
 
 def test_resampled_streams_reproduce_and_differ_per_rank():

@@ -212,3 +212,41 @@ def test_sd15_stage2_at_256px_on_gpu_then_samples(tmp_path):
     )
     _ok(out, "stage=sample (sd15)")
     assert (samples / "grid.png").is_file()
+
+
+def test_folder_fine_tunes_on_gpu_text_encoder_offloaded(tmp_path):
+    """DreamBooth (a LoRA, with class images) with the text encoder kept on the CPU, and
+    textual inversion, from a diffusers-written tiny pipeline on a folder of photos."""
+    from PIL import Image
+    from sd_fixtures import SMALL_UNET, SMALL_VAE, pipeline_folder
+
+    from sd_lightning.sample import load_ldm
+
+    base, *_ = pipeline_folder(tmp_path / "base", SMALL_UNET, SMALL_VAE, 16)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i, size in enumerate([(40, 64), (64, 40), (48, 48)]):
+        Image.new("RGB", size, (0, 128, 128)).save(photos / f"{i}.png")
+    folder = ["data=folder", f"data.path={photos}", "data.image_size=32", "data.bucket_step=8"]
+    common = [*GPU, "logger=csv", *folder, f"pretrained={base}", "model.val_sampler.steps=2"]
+    common.append(f"paths.data_dir={tmp_path / 'data'}")
+    runs = {
+        "dreambooth": [
+            "experiment=dreambooth",
+            "+finetune.lora={rank: 4}",
+            "finetune.class_prompt='a photo of a thing'",
+            "finetune.num_class_images=2",
+            "finetune.sampler.steps=2",
+            "model.offload_text_encoder=true",
+        ],
+        "ti": ["experiment=textual_inversion", "finetune.token='<c1>'", "finetune.init_word=a"],
+    }
+    for name, overrides in runs.items():
+        log = _ok(run_cli(*common, *overrides, f"hydra.run.dir={tmp_path / name}"), name)
+        _on_gpu_in_bf16(log)
+        _losses_finite(tmp_path / name)
+    system = load_ldm(str(tmp_path / "dreambooth" / "checkpoints" / "last.ckpt")).to("cuda")
+    assert system.text_encoder.offload
+    assert next(system.text_encoder.net.parameters()).device.type == "cpu"
+    assert system.encode_text(["a photo", "a photo"]).device.type == "cuda"
+    assert len(system._text_cache) == 1  # encoded once on the CPU, kept on the GPU

@@ -7,23 +7,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import compose_config
 
 from sd_lightning.data.demo import COLORS, POSITIONS, SHAPES, prompt_following
 from sd_lightning.sample import load_ldm
 from sd_lightning.systems.images import to_uint8
-from sd_lightning.train import train
 
 pytestmark = pytest.mark.slow
-
-SMALL = [  # 32 px images, 8x8 latents: the demo at a quarter of its pixels
-    "logger=none",
-    "data.image_size=32",
-    "data.demo.image_size=32",
-    "trainer.limit_val_batches=0",
-    "trainer.num_sanity_val_steps=0",
-    "callbacks.model_checkpoint.every_n_train_steps=100000",
-]
 
 
 def _prompts(n: int) -> list[str]:
@@ -38,24 +27,8 @@ def _prompts(n: int) -> list[str]:
     return prompts
 
 
-def test_generated_images_follow_the_colour_in_their_prompts(tmp_path, data_dir):
-    vae_run, ldm_run = tmp_path / "vae", tmp_path / "ldm"
-    train(
-        compose_config([*SMALL, "experiment=demo_vae", "trainer.max_steps=350"], vae_run, data_dir)
-    )
-    train(
-        compose_config(
-            [
-                *SMALL,
-                "experiment=demo_ldm",
-                f"vae_ckpt={vae_run / 'checkpoints' / 'last.ckpt'}",
-                "trainer.max_steps=800",
-            ],
-            ldm_run,
-            data_dir,
-        )
-    )
-    system = load_ldm(str(ldm_run / "checkpoints" / "last.ckpt"))
+def test_generated_images_follow_the_colour_in_their_prompts(demo_model):
+    system = load_ldm(str(demo_model.ckpt))
     prompts = _prompts(24)
     images = system.sample_images(
         prompts, seeds=range(len(prompts)), sampler="ddim", steps=20, guidance=5.0

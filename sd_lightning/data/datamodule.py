@@ -8,31 +8,18 @@ import math
 import os
 from typing import Any
 
-import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from sd_lightning.data.buckets import BucketTransform
 from sd_lightning.data.demo import make_demo_shards
 from sd_lightning.data.pipeline import ShardPipeline
+from sd_lightning.data.position import PositionedDataModule
 from sd_lightning.data.shards import expand_sources, expand_urls
-from sd_lightning.data.transforms import ImageTransform, to_model_range
+from sd_lightning.data.transforms import ImageTransform
 from sd_lightning.errors import InputError
 
 log = logging.getLogger(__name__)
-
-
-class _EpochLoader(DataLoader):
-    """A DataLoader that tells its dataset where the run is before each pass (``position_fn``:
-    the data epoch, and the batches of it already trained), so streams differ per epoch and a
-    resumed run continues the sequence."""
-
-    def __init__(self, *args, position_fn, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._position_fn = position_fn
-
-    def __iter__(self):
-        self.dataset.set_epoch(*self._position_fn())
-        return super().__iter__()
 
 
 def _sizes_from_json(urls: list[str]) -> int | None:
@@ -53,7 +40,7 @@ def _sizes_from_json(urls: list[str]) -> int | None:
     return total
 
 
-class WebDataModule(L.LightningDataModule):
+class WebDataModule(PositionedDataModule):
     """Images and captions from WebDataset shards.
 
     Args:
@@ -76,6 +63,9 @@ class WebDataModule(L.LightningDataModule):
             them; ``None``: no limit.
         shard_retries: more tries for a remote shard (``pipe:``, ``http:``) that fails before its
             first sample.
+        buckets: aspect-ratio buckets of about ``image_size**2`` pixels (sides multiples of
+            ``bucket_step``, ratios up to ``max_aspect``) instead of square crops; every batch
+            one bucket (:mod:`sd_lightning.data.buckets`). Validation stays square.
     """
 
     def __init__(
@@ -99,6 +89,9 @@ class WebDataModule(L.LightningDataModule):
         url_weights: list[float] | None = None,
         max_bad_shards: int | None = 8,
         shard_retries: int = 2,
+        buckets: bool = False,
+        bucket_step: int = 64,
+        max_aspect: float = 2.0,
     ):
         super().__init__()
         self.stream_checks = {"max_bad_shards": max_bad_shards, "shard_retries": shard_retries}
@@ -123,8 +116,12 @@ class WebDataModule(L.LightningDataModule):
         self.num_workers, self.samples_per_epoch = num_workers, samples_per_epoch
         self.shuffle_buffer, self.seed = shuffle_buffer, seed
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
-        self._trained = 0  # training batches of this rank so far, over all epochs
-        self.train_transform = ImageTransform(image_size, crop=crop, hflip=hflip)
+        self.buckets, self.bucket_step = buckets, bucket_step
+        self.train_transform = (
+            BucketTransform(image_size, bucket_step, max_aspect, crop=crop, hflip=hflip)
+            if buckets
+            else ImageTransform(image_size, crop=crop, hflip=hflip)
+        )
         self.val_transform = ImageTransform(image_size, crop="center")
         self.min_size = min_size
         self.demo = dict(demo or {})
@@ -181,34 +178,9 @@ class WebDataModule(L.LightningDataModule):
                 )
 
     # -- loaders ---------------------------------------------------------------------------------
-    # -- where the training stream is (saved in checkpoints) --------------------------------------
-    # The data epoch and the seeds of its streams follow from the batches trained so far (counted
-    # here, saved in checkpoints), not from Lightning's epoch counter, whose bookkeeping around a
-    # checkpoint written at the end of an epoch differs between a run and its resumption.
-    def state_dict(self) -> dict[str, int]:
-        return {"batches": self._trained}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self._trained = int(state["batches"])
-
-    def _stream_position(self) -> tuple[int, int]:
-        """(data epoch, batches of it already trained) for the train loader's next pass."""
-        return divmod(self._trained, self.batches_per_epoch())
-
-    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Images travel as uint8 and become float in [-1, 1] on the device."""
-        if self.trainer is not None and self.trainer.training:
-            self._trained += 1  # batches that reached training, not prefetched ones
-        if isinstance(batch, dict) and "image" in batch:
-            batch["image"] = to_model_range(batch["image"])
-        return batch
-
     def sample_decoder(self, train: bool):
         """Raw sample -> batch fields; ``None``: images and captions (subclasses read others)."""
         return None
-
-    def _world_size(self) -> int:
-        return self.trainer.world_size if self.trainer is not None else 1
 
     def batches_per_epoch(self) -> int:
         """Training batches per rank in one epoch (the same on every rank)."""
@@ -239,13 +211,7 @@ class WebDataModule(L.LightningDataModule):
             min_size=self.min_size,
             **self.stream_checks,
         )
-        return _EpochLoader(
-            dataset,
-            batch_size=None,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            position_fn=self._stream_position,
-        )
+        return self.train_loader(dataset)
 
     def val_dataloader(self) -> DataLoader | list:
         if not self.val_shard_urls:

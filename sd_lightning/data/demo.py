@@ -11,6 +11,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
 import shutil
 import tarfile
@@ -39,6 +40,25 @@ POSITIONS = {  # centre of the shape as a fraction of the image side
 }
 
 
+def draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, fill):
+    """A shape of radius ``r`` centred at (cx, cy): the demo's three, or a five-pointed ``star``
+    (which the demo set never shows: the fine-tuning checks teach it)."""
+    if shape == "circle":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    elif shape == "square":
+        draw.rectangle([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    elif shape == "triangle":
+        draw.polygon([(cx, cy - r), (cx - r, cy + 0.8 * r), (cx + r, cy + 0.8 * r)], fill=fill)
+    elif shape == "star":
+        points = []
+        for k in range(10):
+            angle, radius = math.pi * (k / 5 - 0.5), r if k % 2 == 0 else 0.4 * r
+            points.append((cx + radius * math.cos(angle), cy + radius * math.sin(angle)))
+        draw.polygon(points, fill=fill)
+    else:
+        raise ValueError(f"unknown shape {shape!r}")
+
+
 def draw_sample(rng: np.random.Generator, size: int) -> tuple[Image.Image, str, dict]:
     """One image and its caption; every random choice comes from ``rng``."""
     shape = SHAPES[rng.integers(len(SHAPES))]
@@ -56,12 +76,7 @@ def draw_sample(rng: np.random.Generator, size: int) -> tuple[Image.Image, str, 
     fill = tuple(
         int(np.clip(c + d, 0, 255)) for c, d in zip(COLORS[color], rng.integers(-15, 16, 3))
     )
-    if shape == "circle":
-        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
-    elif shape == "square":
-        draw.rectangle([cx - r, cy - r, cx + r, cy + r], fill=fill)
-    else:
-        draw.polygon([(cx, cy - r), (cx - r, cy + 0.8 * r), (cx + r, cy + 0.8 * r)], fill=fill)
+    draw_shape(draw, shape, cx, cy, r, fill)
     caption = (
         f"a {color} {shape} at the {position}"
         if position != "center"

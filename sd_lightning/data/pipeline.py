@@ -16,12 +16,12 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 
 import torch
-import webdataset as wds
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.filters import _shuffle as shuffle
 
 from sd_lightning.data.health import StreamHealth
+from sd_lightning.data.position import node_rank, worker_share
 from sd_lightning.data.tar import shard_samples
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ class SkipCounter:
         return out
 
 
-def collate(samples: list[dict], counter: SkipCounter) -> dict:
+def collate(samples: list[dict], counter: SkipCounter | None = None) -> dict:
     """Tensors stacked, everything else (captions, keys) as lists; plus the skips so far."""
     batch = {
         k: torch.stack([s[k] for s in samples])
@@ -54,7 +54,8 @@ def collate(samples: list[dict], counter: SkipCounter) -> dict:
         else [s[k] for s in samples]
         for k in samples[0]
     }
-    batch["skipped"] = counter.delta()
+    if counter is not None:
+        batch["skipped"] = counter.delta()
     return batch
 
 
@@ -74,7 +75,8 @@ def caption_of(sample: dict) -> str:
 
 
 class ImageSampleDecoder:
-    """``{"jpg": bytes, "txt": bytes, "json": ...}`` -> ``{"image": tensor, "caption": str}``."""
+    """``{"jpg": bytes, "txt": bytes, "json": ...}`` -> ``{"image": tensor, "caption": str}`` and
+    the crop's geometry (``original_size``, ``crop_top_left``, ``target_size``)."""
 
     def __init__(self, transform: Callable[[Image.Image], torch.Tensor], min_size: int = 0):
         self.transform, self.min_size = transform, min_size
@@ -90,8 +92,8 @@ class ImageSampleDecoder:
             if side < self.min_size:
                 raise Skip("too_small")
         with Image.open(io.BytesIO(sample[key])) as img:
-            image = self.transform(img, rng)
-        return {"image": image, "caption": caption}
+            fields = self.transform.sample(img, rng)
+        return {**fields, "caption": caption}
 
 
 def stream_key(*parts: object, offset: int = 0) -> str:
@@ -211,12 +213,14 @@ class ShardPipeline(IterableDataset):
         self.shuffle_buffer, self.seed, self.split_by_node = shuffle_buffer, seed, split_by_node
         self.decoder = decoder or ImageSampleDecoder(transform, min_size)
         self.epoch, self.offset = 0, 0
+        self.node: tuple[int, int] | None = None  # (rank, world size), set by set_epoch
 
     def set_epoch(self, epoch: int, offset: int = 0) -> None:
         """The epoch, and the batches of it already trained when the stream (re)starts: a run
         resumed mid-epoch draws a new stream seeded from that point instead of replaying the
         epoch's start (at an epoch boundary, offset 0, it is the uninterrupted run's stream)."""
         self.epoch, self.offset = epoch, offset
+        self.node = node_rank()  # here, in the training process: its workers may not know it
 
     def _seed(self, kind: str, rank: int, worker: int) -> str:
         return stream_key(f"{kind}{self.seed}", self.epoch, rank, worker, offset=self.offset)
@@ -256,20 +260,27 @@ class ShardPipeline(IterableDataset):
             yield {**out, "key": sample["__key__"]}
 
     def _batch(self, counter: SkipCounter, samples: Iterator[dict]) -> Iterator[dict]:
-        buf: list[dict] = []
+        """Batches of one shape each: with aspect-ratio buckets, a sample waits for a full
+        batch of its bucket (one buffer per bucket)."""
+        buffers: dict[tuple, list[dict]] = {}
         for s in samples:
+            shape = tuple(s["image"].shape) if "image" in s else ()
+            buf = buffers.setdefault(shape, [])
             buf.append(s)
             if len(buf) == self.batch_size:
                 yield collate(buf, counter)
-                buf = []
-        if buf and not self.batches_per_worker:  # evaluation keeps the last partial batch
-            yield collate(buf, counter)
+                buffers[shape] = []
+        if not self.batches_per_worker:  # evaluation keeps the last partial batches
+            for buf in buffers.values():
+                if buf:
+                    yield collate(buf, counter)
 
     def __iter__(self) -> Iterator[dict]:
         if get_worker_info() is not None:  # Ctrl-C reaches the whole process group: the training
             signal.signal(signal.SIGINT, signal.SIG_IGN)  # process checkpoints, workers carry on
         counter = SkipCounter()
-        rank, world, worker, workers = wds.utils.pytorch_worker_info()
+        rank, world = self.node or node_rank()
+        worker, workers = worker_share()
         where = f"rank {rank} worker {worker}"
         if self.resampled:
             stream = resampled_shards(

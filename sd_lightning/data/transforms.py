@@ -41,7 +41,14 @@ class ImageTransform:
     def __call__(self, image: Image.Image, rng: random.Random | None = None) -> torch.Tensor:
         """``rng`` draws the random crop and flip (the pipeline seeds one per worker stream, so
         a restarted run crops alike); without it, Python's global ``random``."""
+        return self.sample(image, rng)["image"]
+
+    def sample(self, image: Image.Image, rng: random.Random | None = None) -> dict:
+        """The square crop (``image``, uint8 CHW) with its ``original_size`` and
+        ``target_size`` (height, width) and ``crop_top_left`` (top, left) in the resized image,
+        the fields SDXL's micro-conditioning takes."""
         rng = rng or random
+        original = image.size
         image = self.resized(image)
         w, h, s = *image.size, self.size
         if self.crop == "center":
@@ -51,8 +58,14 @@ class ImageTransform:
         image = image.crop((left, top, left + s, top + s))
         if self.hflip and rng.random() < 0.5:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            left = w - s - left
         array = torch.from_numpy(np.array(image, dtype=np.uint8))
-        return array.permute(2, 0, 1)  # a view: collate's stack makes the batch contiguous
+        return {
+            "image": array.permute(2, 0, 1),  # a view: collate's stack makes the batch contiguous
+            "original_size": torch.tensor([original[1], original[0]]),
+            "crop_top_left": torch.tensor([top, left]),
+            "target_size": torch.tensor([s, s]),
+        }
 
 
 def to_model_range(images: torch.Tensor) -> torch.Tensor:

@@ -92,6 +92,12 @@ class LoRA:
         )
         return unet
 
+    def files(self, system: nn.Module, net: nn.Module, state: dict) -> dict[str, Any]:
+        """The export: kohya's and diffusers' LoRA files of the adapters in ``state``."""
+        from sd_lightning.finetune.lora_files import lora_files
+
+        return lora_files(adapter_state(state), net, self.rank, self.alpha)
+
     def describe(self) -> dict[str, Any]:
         return {"method": "lora", "rank": self.rank, "alpha": self.alpha, "targets": self.targets}
 

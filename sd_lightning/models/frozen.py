@@ -14,13 +14,18 @@ from torch import nn
 
 
 class Frozen(nn.Module):
-    def __init__(self, net: nn.Module):
+    """``offload``: the network stays where it is (the CPU) whatever ``.to()`` says; its outputs
+    are for the caller to move."""
+
+    def __init__(self, net: nn.Module, offload: bool = False):
         super().__init__()
         net.requires_grad_(False).eval()
         object.__setattr__(self, "net", net)  # deliberately not registered as a submodule
+        self.offload = offload
 
     def _apply(self, fn, *args, **kwargs):
-        self.net._apply(fn, *args, **kwargs)
+        if not self.offload:
+            self.net._apply(fn, *args, **kwargs)
         return super()._apply(fn, *args, **kwargs)
 
     def train(self, mode: bool = True) -> Frozen:

@@ -108,16 +108,99 @@ class OpenCLIPTextEncoder(nn.Module):
         self.tower = tower.requires_grad_(False).eval()
         self.width = tower.transformer.width
         self.context_length = tower.context_length
+        self.added: list[str] = []  # tokens past the vocabulary (textual inversion)
+        self.expansions: dict[str, str] = {}
+        self.register_buffer("added_rows", torch.zeros(0, self.width), persistent=False)
 
-    @torch.no_grad()
-    def forward(self, captions: Sequence[str]) -> torch.Tensor:
+    def add_embedding(self, name: str, count: int = 1, rows: torch.Tensor | None = None):
+        """A new word ``name`` of ``count`` vectors (tokens ``name``, ``name_1``...) after the
+        vocabulary, one token each to the tokenizer whatever their spelling; a prompt's ``name``
+        becomes all of them. ``rows``: their embeddings (fixed: loaded embeddings), or ``None``
+        when the caller passes them to :meth:`forward` as ``extra`` (trained ones, added after
+        every fixed one). Returns the ids. Names are lower-case (prompts are lower-cased)."""
+        import regex
+        from open_clip.tokenizer import SimpleTokenizer
+
+        name = name.lower()
+        tokens = [name] + [f"{name}_{i}" for i in range(1, count)]
+        known = self.tokenizer.encoder
+        clash = [t for t in tokens if t in known or t + "</w>" in known]
+        if clash:
+            raise ValueError(
+                f"token {clash[0]!r} is already a word of the tokenizer: choose one that is "
+                f"not, e.g. '<{clash[0].strip('<>')}-1>'"
+            )
+        if not isinstance(self.tokenizer, SimpleTokenizer):
+            raise ValueError(f"{type(self.tokenizer).__name__} cannot take new tokens")
+        if rows is not None and len(self.added_rows) < len(self.added):
+            raise ValueError("trained tokens are added last, after every loaded embedding")
+        if rows is not None:
+            rows = rows.to(self.added_rows)
+            if rows.shape != (count, self.width):
+                raise ValueError(
+                    f"{name!r}: {count} vector(s) of {self.width} numbers expected (this text "
+                    f"encoder's width), got shape {tuple(rows.shape)}"
+                )
+            self.added_rows = torch.cat([self.added_rows, rows])
+        self.added += tokens
+        self.expansions[name] = " ".join(tokens)
+        tokenizer = SimpleTokenizer(
+            additional_special_tokens=self.added, context_length=self.context_length
+        )
+        # the tokenizer joins its special tokens into a pattern unescaped and in order: escaped,
+        # longest first (so <t>_1 is not read as <t> and _1)
+        words = sorted(["<start_of_text>", "<end_of_text>", *self.added], key=len, reverse=True)
+        special = "|".join(map(regex.escape, words))
+        rest = r"""|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+        tokenizer.pat = regex.compile(special + rest, regex.IGNORECASE)
+        self.tokenizer = tokenizer
+        return [tokenizer.encoder[t] for t in tokens]
+
+    def expand(self, captions: Sequence[str]) -> list[str]:
+        """Multi-vector words spelled out: ``<t>`` -> ``<t> <t>_1 <t>_2``."""
+        import regex
+
+        out = list(captions)
+        for name, tokens in self.expansions.items():
+            if tokens != name:
+                word = regex.compile(regex.escape(name) + r"(?!_\d)", regex.IGNORECASE)
+                out = [word.sub(tokens, c) for c in out]
+        return out
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tower.token_embedding.num_embeddings
+
+    def embed_tokens(self, tokens: torch.Tensor, extra: torch.Tensor | None = None):
+        """Token embeddings: the tower's table, then the added tokens' rows (fixed, then
+        ``extra``)."""
+        table = self.tower.token_embedding
+        x = table(tokens.clamp(max=self.vocab_size - 1))
+        if not self.added:
+            return x
+        rows = self.added_rows.to(x.dtype)
+        if extra is not None:
+            rows = torch.cat([rows, extra.to(x.dtype)])
+        if not len(rows):  # trained tokens, not passed: the prompts must not use them
+            return x
+        past = tokens >= self.vocab_size
+        added = rows[(tokens - self.vocab_size).clamp(min=0, max=len(rows) - 1)]
+        return torch.where(past[..., None], added, x)
+
+    def forward(self, captions: Sequence[str], extra: torch.Tensor | None = None) -> torch.Tensor:
+        """Token states of ``captions``; ``extra``: the embeddings of the last added tokens, when
+        they train (gradients reach them, never the tower)."""
+        with torch.set_grad_enabled(extra is not None and extra.requires_grad):
+            return self._states(captions, extra)
+
+    def _states(self, captions: Sequence[str], extra: torch.Tensor | None) -> torch.Tensor:
         tower = self.tower
         device = tower.positional_embedding.device
-        tokens = self.tokenizer(list(captions)).to(device)
+        tokens = self.tokenizer(self.expand(captions)).to(device)
         if self.pad_eot:  # everything after the first end-of-text becomes end-of-text
             eot = self.tokenizer.eot_token_id
             tokens = torch.where((tokens == eot).cumsum(-1) > 0, eot, tokens)
-        x = tower.token_embedding(tokens) + tower.positional_embedding
+        x = self.embed_tokens(tokens, extra) + tower.positional_embedding
         mask = tower.attn_mask
         batch_first = getattr(tower.transformer, "batch_first", True)
         x = x if batch_first else x.transpose(0, 1)

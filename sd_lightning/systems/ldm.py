@@ -31,8 +31,6 @@ from sd_lightning.diffusion.prediction import add_noise, v_target
 from sd_lightning.diffusion.training import min_snr_weight, offset_noise
 from sd_lightning.errors import InputError
 from sd_lightning.finetune.base import check_base, trained_state
-from sd_lightning.finetune.lora import adapter_state
-from sd_lightning.finetune.lora_files import lora_files
 from sd_lightning.models.autoencoder import AutoencoderKL, DiagonalGaussian
 from sd_lightning.models.ema import EMA
 from sd_lightning.models.frozen import Frozen
@@ -56,6 +54,7 @@ warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the st
 OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
 STAGE = "ldm"
+TEXT_CACHE = 4096  # captions whose states an offloaded text encoder keeps
 
 
 def make_alphas_cumprod(
@@ -106,9 +105,12 @@ class LatentDiffusionSystem(StepSeededMixin, StageCheckpointMixin):
         compile_scope: ``layers`` (each layer of each block; works with FSDP) or ``model`` (the
             whole forward as one graph; not with ``trainer=fsdp``).
         compile_options: keyword arguments of ``torch.compile`` (``mode``, ``dynamic``...).
-        finetune: a method from :mod:`sd_lightning.finetune` (``LoRA``): it adapts the U-Net
-            before anything else sees it, and a partial one (LoRA) makes checkpoints hold only
-            what it trains, with the base weights' reference (``pretrained=``).
+        finetune: a method from :mod:`sd_lightning.finetune` (LoRA, DreamBooth, textual
+            inversion): it adapts the U-Net (and the text encoder's vocabulary) before anything
+            else sees it; a partial one makes checkpoints hold only what it trains, with the
+            base weights' reference (``pretrained=``).
+        offload_text_encoder: keep the frozen text encoder on the CPU and its states per
+            caption on the device (the memory of a 24 GB card goes to the U-Net).
     """
 
     checkpoint_stage = STAGE
@@ -140,6 +142,7 @@ class LatentDiffusionSystem(StepSeededMixin, StageCheckpointMixin):
         compile_scope: str = "layers",
         compile_options: dict[str, Any] | None = None,
         finetune: Any = None,
+        offload_text_encoder: bool = False,
     ):
         super().__init__()
         if prediction not in ("epsilon", "v_prediction"):
@@ -183,13 +186,22 @@ class LatentDiffusionSystem(StepSeededMixin, StageCheckpointMixin):
         self.finetune = finetune or None  # finetune=none composes to an empty node
         if self.finetune is not None:
             unet = self.finetune.apply(unet)
+        # textual inversion: the new word's vectors, trained (the text encoder stays frozen)
+        make_embeddings = getattr(self.finetune, "embeddings", None)
+        self.embeddings = make_embeddings(text_encoder) if make_embeddings else None
         self.partial = bool(getattr(self.finetune, "partial", False))
         self.strict_loading = not self.partial  # partial checkpoints: the base comes from its file
         self.base_reference: dict[str, Any] | None = None  # set by pretrained.load
         self.unet = unet
         self.ema = EMA(unet, ema_decay) if ema_decay is not None else None
         self.vae = vae.requires_grad_(False).eval()
-        self.text_encoder = Frozen(text_encoder)
+        if offload_text_encoder and self.embeddings is not None:
+            raise InputError(
+                "model.offload_text_encoder=true keeps the text encoder on the CPU, but textual "
+                "inversion trains through it: set model.offload_text_encoder=false"
+            )
+        self.text_encoder = Frozen(text_encoder, offload=offload_text_encoder)
+        self._text_cache: dict[str, torch.Tensor] = {}  # offloaded: states per caption
         self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
         self.prediction = prediction
         self.sample_posterior = sample_posterior
@@ -228,6 +240,11 @@ class LatentDiffusionSystem(StepSeededMixin, StageCheckpointMixin):
                 )
             compile_unet(self.unet, self.compile_scope, **self.compile_options)
             self._compiled = True
+        if mesh is not None and not getattr(self.finetune, "shardable", True):
+            raise InputError(
+                "finetune=textual_inversion trains a few thousand parameters, nothing to shard: "
+                "use trainer=ddp (or trainer=gpu) instead of trainer=fsdp"
+            )
         nets = [self.unet] + ([self.ema.net] if self.ema is not None else [])
         if mesh is None or is_sharded(self.unet):  # not FSDP, or done already (validate after fit)
             return
@@ -235,9 +252,12 @@ class LatentDiffusionSystem(StepSeededMixin, StageCheckpointMixin):
             fully_shard_unet(net, mesh, strategy.mp_policy, strategy.reshard_after_forward)
 
     def setup(self, stage: str) -> None:
-        size = getattr(getattr(self.trainer, "datamodule", None), "image_size", None)
+        datamodule = getattr(self.trainer, "datamodule", None)
+        size = getattr(datamodule, "image_size", None)
         if size is not None:
             self.check_image_size(int(size), "data.image_size")
+        if getattr(datamodule, "buckets", False):  # every bucket's sides are multiples of it
+            self.check_image_size(int(datamodule.bucket_step), "data.bucket_step")
 
     def check_image_size(self, size: int, option: str) -> None:
         """Image sides must be multiples of the VAE's and the U-Net's downsampling together."""
@@ -287,9 +307,10 @@ class LatentDiffusionSystem(StepSeededMixin, StageCheckpointMixin):
         When sharded, every rank must call it (the shards are gathered)."""
         net = self.ema.net if self.ema is not None else self.unet
         state = full_state_dict(net)
-        if self.partial:
-            adapters = adapter_state(state)
-            return lora_files(adapters, net, self.finetune.rank, self.finetune.alpha)
+        files = getattr(self.finetune, "files", None)
+        written = files(self, net, state) if files else None  # LoRA, embeddings
+        if written is not None:
+            return written
         return {
             STAGE: (
                 state,
@@ -321,7 +342,7 @@ class LatentDiffusionSystem(StepSeededMixin, StageCheckpointMixin):
     def batch_context(self, batch: dict, captions: list[str]) -> torch.Tensor:
         """Token states of ``captions`` (where dropped: ""), from the stored ``text_states`` of
         ``data=latents`` when present (the encoder then runs only for the empty caption)."""
-        if "text_states" not in batch:
+        if "text_states" not in batch or self.embeddings is not None:
             return self.encode_text(captions)
         context = batch["text_states"].float().clone()
         dropped = [i for i, c in enumerate(captions) if c == "" and batch["caption"][i] != ""]
@@ -349,7 +370,18 @@ class LatentDiffusionSystem(StepSeededMixin, StageCheckpointMixin):
         )
 
     def encode_text(self, captions: Sequence[str]) -> torch.Tensor:
-        return self.text_encoder(list(captions)).float()
+        if self.embeddings is not None:  # the trained word's vectors, with gradients
+            return self.text_encoder(list(captions), extra=self.embeddings.weight).float()
+        if not self.text_encoder.offload:
+            return self.text_encoder(list(captions)).float()
+        # on the CPU: each caption encoded once (a folder fine-tune has a few), kept on the device
+        new = [c for c in dict.fromkeys(captions) if c not in self._text_cache]
+        if len(self._text_cache) + len(new) > TEXT_CACHE:
+            self._text_cache.clear()
+        if new:
+            states = self.text_encoder(new).float().to(self.device)
+            self._text_cache.update(zip(new, states))
+        return torch.stack([self._text_cache[c] for c in captions])
 
     def decode_latents(self, z: torch.Tensor) -> torch.Tensor:
         return self.vae.decode(z / self.latent_scale)
@@ -362,7 +394,10 @@ class LatentDiffusionSystem(StepSeededMixin, StageCheckpointMixin):
         context: torch.Tensor,
         t: torch.Tensor,
         noise: torch.Tensor,
+        weight: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """The mean per-sample loss, each sample's times ``weight`` where given (DreamBooth's
+        prior images: ``prior_loss_weight``)."""
         abar_t = self.alphas_cumprod[t]
         z_t = add_noise(z, noise, abar_t)
         target = noise if self.prediction == "epsilon" else v_target(z, noise, abar_t)
@@ -370,6 +405,8 @@ class LatentDiffusionSystem(StepSeededMixin, StageCheckpointMixin):
         per_sample = F.mse_loss(out.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
         if self.min_snr_gamma is not None:
             per_sample = per_sample * min_snr_weight(abar_t, self.min_snr_gamma, self.prediction)
+        if weight is not None:
+            per_sample = per_sample * weight.to(per_sample)
         return per_sample.mean()
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -384,7 +421,7 @@ class LatentDiffusionSystem(StepSeededMixin, StageCheckpointMixin):
         noise = offset_noise(z.shape, self.offset_noise, rng, device=z.device, dtype=z.dtype)
         n = len(self.alphas_cumprod)
         t = torch.randint(0, n, (z.shape[0],), generator=rng, device=z.device)
-        loss = self.diffusion_loss(self.unet, z, context, t, noise)
+        loss = self.diffusion_loss(self.unet, z, context, t, noise, batch.get("loss_weight"))
         bs = z.shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         self.log_skipped()
@@ -396,6 +433,11 @@ class LatentDiffusionSystem(StepSeededMixin, StageCheckpointMixin):
         # this step holds this step's EMA update
         if self.ema is not None:
             self.ema.update(self.unet)
+
+    def on_fit_start(self) -> None:
+        prepare = getattr(self.finetune, "prepare", None)
+        if prepare is not None:  # DreamBooth's class images, before the data's first batch
+            prepare(self)
 
     def on_train_start(self) -> None:
         if self.ema is not None:  # a resumed run loaded the count into the buffer
@@ -482,7 +524,7 @@ class LatentDiffusionSystem(StepSeededMixin, StageCheckpointMixin):
 
     # -- optimizers --------------------------------------------------------------------------------
     def configure_optimizers(self):
-        optimizer = self.optimizer_factory([p for p in self.unet.parameters() if p.requires_grad])
+        optimizer = self.optimizer_factory([p for p in self.parameters() if p.requires_grad])
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer)

@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from sd_lightning.errors import InputError
 from sd_lightning.weights.read import check_keys, read_sd_unet, read_sd_unet_ema, read_sd_vae
+from sd_lightning.weights.text import has_sd_text
 
 log = logging.getLogger(__name__)
 
@@ -65,10 +66,15 @@ def _configure_ldm(cfg: DictConfig, path: str) -> None:
     if cfg.get("vae_ckpt") is None:
         cfg.vae_ckpt = path
     text = cfg.text_encoder
-    if text.get("random_text_cfg") is not None:  # the stage's default: SD's own text encoder
+    # the stage's default random tower gives way to SD's own text encoder, if the weights hold one
+    if text.get("random_text_cfg") is not None and has_sd_text(path):
         cfg.text_encoder = OmegaConf.create(
             {"_target_": TEXT_ENCODER, "pretrained": path, "layer": "auto"}
         )
+    if cfg.text_encoder.get("pretrained") == path:
+        text_from = "from it"
+    else:
+        text_from = "from text_encoder=" + ("" if has_sd_text(path) else " (the weights hold none)")
     log.info(
         "pretrained: %s U-Net from %s (%d levels, %d-d context); VAE from %s; text encoder %s",
         f"{part.family}'s" if part.family else "an SD-layout",
@@ -76,7 +82,7 @@ def _configure_ldm(cfg: DictConfig, path: str) -> None:
         len(part.config["channel_mult"]),
         part.config["context_dim"],
         cfg.vae_ckpt,
-        "from it" if cfg.text_encoder.get("pretrained") == path else "from text_encoder=",
+        text_from,
     )
 
 

@@ -92,3 +92,11 @@ def is_sd_source(path: str) -> bool:
             return False
         keys = list(content.get("state_dict", content)) if isinstance(content, dict) else []
     return any(k.startswith((SD1_PREFIX, SD2_PREFIX)) for k in keys)
+
+
+def has_sd_text(path: str) -> bool:
+    """Whether SD weights (a single file or a diffusers folder) hold a text encoder (an export of
+    a model trained with a random tower does not)."""
+    if os.path.isdir(path):
+        return os.path.isfile(os.path.join(path, "text_encoder", "config.json"))
+    return is_sd_source(path)

@@ -1,0 +1,77 @@
+"""Textual-inversion embeddings in the files other tools load, and back.
+
+Written: AUTOMATIC1111's ``<name>.safetensors`` (one tensor ``emb_params``, ``(vectors, width)``;
+the prompt word is the file's name) and diffusers' ``learned_embeds.safetensors``
+(``{token: (vectors, width)}``, what ``pipe.load_textual_inversion`` reads).
+Read (``stage=sample embeddings=[...]``): either, the word being diffusers' key or A1111's file
+name; pickled ``.pt``/``.bin`` embeddings are refused with how to convert them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any
+
+import torch
+
+from sd_lightning.errors import InputError
+
+
+def file_name(token: str) -> str:
+    """A file name for ``token`` that AUTOMATIC1111 turns back into a prompt word."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "", token) or "embedding"
+
+
+def embedding_files(token: str, vectors: torch.Tensor) -> dict[str, Any]:
+    """``{stem: (tensors, metadata)}`` of the two formats."""
+    meta = {"token": token, "vectors": str(vectors.shape[0]), "format": "textual_inversion"}
+    vectors = vectors.contiguous()
+    return {
+        file_name(token): ({"emb_params": vectors}, {**meta, "name": file_name(token)}),
+        "learned_embeds": ({token: vectors.clone()}, meta),
+    }
+
+
+def read_embedding(path: str, option: str = "embeddings") -> tuple[str, torch.Tensor]:
+    """``(word, vectors (n, width))`` from an A1111 or diffusers embedding file."""
+    if not os.path.isfile(path):
+        raise InputError(f"{option}: {path!r} does not exist (a .safetensors embedding)")
+    if not path.endswith(".safetensors"):
+        raise InputError(
+            f"{option}: {path!r} is not a .safetensors file; pickled embeddings (.pt, .bin) are "
+            'not read. Convert it where you trust it: python -c "import torch, safetensors.torch '
+            "as s; d = torch.load('x.pt'); p = d['string_to_param'] if 'string_to_param' in d "
+            "else d; s.save_file({'emb_params': next(iter(p.values())).float().contiguous()}, "
+            "'x.safetensors')\""
+        )
+    from safetensors.torch import load_file
+
+    state = load_file(path)
+    stem = os.path.splitext(os.path.basename(path))[0]
+    if "emb_params" in state:
+        word, vectors = stem, state["emb_params"]
+    elif len(state) == 1:
+        word, vectors = next(iter(state.items()))
+    else:
+        raise InputError(
+            f"{option}: {path!r} holds {len(state)} tensors ({', '.join(list(state)[:4])}): an "
+            "embedding file holds one (emb_params, or the token's name). SDXL's two-encoder "
+            "embeddings (clip_l, clip_g) are not supported yet"
+        )
+    vectors = vectors.float()
+    return word, vectors[None] if vectors.dim() == 1 else vectors
+
+
+def load_embeddings(text_encoder: torch.nn.Module, paths: Any) -> list[str]:
+    """Add every embedding of ``paths`` to ``text_encoder``; returns their words."""
+    paths = [paths] if isinstance(paths, str) else list(paths or [])
+    words = []
+    for path in paths:
+        word, vectors = read_embedding(str(path))
+        try:
+            text_encoder.add_embedding(word, len(vectors), vectors)
+        except ValueError as e:
+            raise InputError(f"embeddings: {path}: {e}") from e
+        words.append(word.lower())
+    return words

@@ -1,0 +1,96 @@
+"""Textual inversion (Gal et al. 2022): a new word for a concept, learned as a few embedding
+vectors of the frozen text encoder; nothing else trains.
+
+The word (``token``, e.g. ``<my-teapot>``) joins the tokenizer as one token per vector (``<t>``,
+``<t>_1``...: a prompt's ``<t>`` stands for all of them), its vectors start from ``init_word``'s
+embedding, and only they reach the optimizer. Checkpoints hold the vectors and the base weights'
+reference; exports are AUTOMATIC1111's embedding (``<name>.safetensors``, ``emb_params``: the
+prompt word there is the file's name) and diffusers' ``learned_embeds.safetensors``
+(``{token: vectors}``, for ``load_textual_inversion``) (:mod:`.embedding_files`).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from sd_lightning.errors import InputError
+from sd_lightning.finetune.embedding_files import embedding_files
+
+log = logging.getLogger(__name__)
+
+
+class LearnedEmbeddings(nn.Module):
+    """The trained vectors of a new word (``weight``: ``(vectors, width)``)."""
+
+    def __init__(self, token: str, weight: torch.Tensor):
+        super().__init__()
+        self.token = token
+        self.weight = nn.Parameter(weight.clone().float())
+
+    def extra_repr(self) -> str:
+        return f"{self.token!r}, {tuple(self.weight.shape)}"
+
+
+class TextualInversion:
+    """``finetune=textual_inversion``.
+
+    Args:
+        token: the new word (lower-case; not a word the tokenizer knows), e.g. ``<my-teapot>``.
+        init_word: the word whose embedding the vectors start from (``teapot``); its tokens'
+            mean when it is several.
+        num_vectors: vectors for the word (1 to a few; more capture more, need more steps).
+    """
+
+    partial = True  # checkpoints hold the vectors, the base comes from pretrained=
+    shardable = False  # a few thousand parameters: trainer=ddp
+
+    def __init__(self, token: str = "<concept>", init_word: str = "object", num_vectors: int = 1):
+        if not token or any(c.isspace() for c in token):
+            raise InputError(
+                f"finetune.token={token!r}: give one word without spaces, e.g. '<my-teapot>'"
+            )
+        if not isinstance(num_vectors, int) or num_vectors < 1:
+            raise InputError(f"finetune.num_vectors={num_vectors!r}: give a whole number >= 1")
+        if not init_word or not str(init_word).strip():
+            raise InputError("finetune.init_word is empty: give the word the token starts from")
+        self.token, self.init_word, self.num_vectors = token.lower(), str(init_word), num_vectors
+
+    def apply(self, unet: nn.Module) -> nn.Module:
+        return unet.requires_grad_(False)  # the U-Net stays the base's
+
+    def embeddings(self, text_encoder: nn.Module) -> LearnedEmbeddings:
+        """Add the word to ``text_encoder`` and return its trainable vectors."""
+        if not hasattr(text_encoder, "add_embedding"):
+            raise InputError(
+                f"finetune=textual_inversion needs an OpenCLIP/CLIP text encoder, not "
+                f"{type(text_encoder).__name__}"
+            )
+        ids = text_encoder.tokenizer.encode(self.init_word)
+        if not ids:
+            raise InputError(f"finetune.init_word={self.init_word!r} has no tokens")
+        try:
+            text_encoder.add_embedding(self.token, self.num_vectors)
+        except ValueError as e:
+            raise InputError(f"finetune.token={self.token!r}: {e}") from e
+        table = text_encoder.tower.token_embedding.weight.detach()
+        start = table[ids].float().mean(0, keepdim=True).repeat(self.num_vectors, 1)
+        log.info(
+            "finetune: textual inversion of %r, %d vector(s) of %d from %r (%d token(s)); the "
+            "U-Net and the text encoder frozen",
+            self.token,
+            self.num_vectors,
+            table.shape[1],
+            self.init_word,
+            len(ids),
+        )
+        return LearnedEmbeddings(self.token, start)
+
+    def files(self, system: nn.Module, net: nn.Module, state: dict) -> dict[str, Any]:
+        return embedding_files(self.token, system.embeddings.weight.detach().float().cpu())
+
+    def describe(self) -> dict[str, Any]:
+        return {"method": "textual_inversion", "token": self.token, "vectors": self.num_vectors}
