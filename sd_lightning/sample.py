@@ -55,8 +55,9 @@ def load_ldm(
 
 
 def apply_loras(system: LatentDiffusionSystem, paths: Any, scales: Any) -> None:
-    """Merge LoRA files (kohya's or diffusers') into the sampling U-Net, each with its scale
-    (one number for all, or one per file); a U-Net trained with adapters has them merged first."""
+    """Merge LoRA files (kohya's or diffusers') into the sampling U-Net (and the text encoder,
+    for those that adapt it), each with its scale (one number for all, or one per file); a
+    model trained with adapters has them merged first."""
     from sd_lightning.finetune.lora import merge_adapters
     from sd_lightning.finetune.lora_files import merge_lora
 
@@ -64,6 +65,13 @@ def apply_loras(system: LatentDiffusionSystem, paths: Any, scales: Any) -> None:
         system.unet = merge_adapters(system.unet)
         if system.ema is not None:
             system.ema.net = merge_adapters(system.ema.net)
+    text = system.text_encoder.net
+    if getattr(system, "text_tower", None) is not None:  # the text encoder's adapters too
+        from sd_lightning.finetune.text_lora import fuse_attention
+
+        fuse_attention(merge_adapters(system.text_tower))
+        del system.text_tower
+        text.trains = False
     paths = [paths] if isinstance(paths, str) else list(paths or [])
     if isinstance(scales, (int, float)):
         scales = [float(scales)] * len(paths)
@@ -74,7 +82,9 @@ def apply_loras(system: LatentDiffusionSystem, paths: Any, scales: Any) -> None:
             "or one per file"
         )
     for lora, scale in zip(paths, scales):
-        layers = merge_lora(system.sampling_net, str(lora), float(scale))
+        layers = merge_lora(
+            system.sampling_net, str(lora), float(scale), getattr(text, "tower", None)
+        )
         log.info("LoRA %s (scale %s): merged into %d layers", lora, scale, layers)
 
 

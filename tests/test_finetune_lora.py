@@ -78,6 +78,43 @@ def test_lora_checkpoints_hold_the_adapters_and_diffusers_loads_both_exports(
         apply_loras(merged, [str(run / "export" / "lora.safetensors")], [1.0, 0.5])
 
 
+def test_a_text_encoder_lora_exports_what_diffusers_loads_into_both_networks(
+    tmp_path, data_dir, base
+):
+    from sd_lightning.sample import apply_loras, load_ldm
+
+    run = tmp_path / "run"
+    _train(run, data_dir, base, "trainer.max_steps=3", "finetune.text_encoder=true")
+    state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    text = [k for k in state if k.startswith("text_tower.")]
+    assert text and all(".lora_" in k for k in text)  # the tower's adapters, not its weights
+    system = load_ldm(run / "checkpoints" / "last.ckpt")
+    prompt = ["a red circle at the top left"]
+    x, t, ctx = _inputs()
+    with torch.no_grad():
+        ours_text, ours_unet = system.encode_text(prompt), system.unet(x, t, ctx)
+        base_text = load_ldm(str(base)).encode_text(prompt)
+    assert (ours_text - base_text).abs().max() > 1e-3  # the text adapters changed the states
+    kohya = load_file(run / "export" / "lora.safetensors")
+    assert any(k.startswith("lora_te_text_model_encoder_layers_0_self_attn_q_proj") for k in kohya)
+    for name in ("lora.safetensors", "pytorch_lora_weights.safetensors"):
+        pipe = diffusers.StableDiffusionPipeline.from_pretrained(str(base), local_files_only=True)
+        pipe.load_lora_weights(str(run / "export"), weight_name=name)
+        with torch.no_grad():
+            theirs_text, _ = pipe.encode_prompt(prompt[0], "cpu", 1, False)
+            theirs_unet = pipe.unet(x, t, encoder_hidden_states=ctx).sample
+        torch.testing.assert_close(theirs_text, ours_text, atol=1e-5, rtol=1e-4, msg=name)
+        torch.testing.assert_close(theirs_unet, ours_unet, atol=1e-5, rtol=1e-4, msg=name)
+    # the file merged into the base (sampling with lora=...) and the run's own merged adapters
+    for model, files in (
+        (load_ldm(str(base)), [str(run / "export" / "lora.safetensors")]),
+        (system, []),
+    ):
+        apply_loras(model, files, 1.0)
+        with torch.no_grad():
+            torch.testing.assert_close(model.encode_text(prompt), ours_text, atol=1e-5, rtol=1e-4)
+
+
 def test_a_lora_run_resumes_bit_exactly(tmp_path, data_dir, base):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     epoch = "data.samples_per_epoch=8"  # 2 steps an epoch: the stop falls on an epoch boundary

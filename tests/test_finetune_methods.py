@@ -6,12 +6,14 @@ images DreamBooth generates once with the base model, and embeddings that diffus
 from __future__ import annotations
 
 import os
+import shutil
 
 import numpy as np
 import pytest
 import torch
 from conftest import compose_config
 from PIL import Image
+from safetensors.torch import load_file
 from sd_fixtures import SMALL_UNET, SMALL_VAE, pipeline_folder
 
 from sd_lightning.errors import InputError
@@ -101,10 +103,14 @@ def test_textual_inversion_trains_its_vectors_only_and_diffusers_reads_both_expo
     system = load_ldm(run / "checkpoints" / "last.ckpt")
     with torch.no_grad():
         torch.testing.assert_close(system.encode_text([prompt]), ours, atol=1e-6, rtol=0)
-    # AUTOMATIC1111's file: the word is the file's name
+    # AUTOMATIC1111's file: ours keeps its token; renamed, the word is the file's name
     encoder = OpenCLIPTextEncoder(pretrained=str(base), layer="auto")
-    assert load_embeddings(encoder, [str(run / "export" / "c1.safetensors")]) == ["c1"]
-    torch.testing.assert_close(encoder(["a photo of c1 on a table"]), ours, atol=1e-6, rtol=0)
+    assert load_embeddings(encoder, [str(run / "export" / "c1.safetensors")]) == ["<c1>"]
+    torch.testing.assert_close(encoder([prompt]), ours, atol=1e-6, rtol=0)
+    shutil.copy(run / "export" / "c1.safetensors", tmp_path / "zq9x.safetensors")
+    encoder = OpenCLIPTextEncoder(pretrained=str(base), layer="auto")
+    assert load_embeddings(encoder, [str(tmp_path / "zq9x.safetensors")]) == ["zq9x"]
+    torch.testing.assert_close(encoder(["a photo of zq9x on a table"]), ours, atol=1e-6, rtol=0)
 
 
 def test_a_textual_inversion_run_resumes_bit_exactly_mid_epoch(tmp_path, data_dir, base, photos):
@@ -174,20 +180,29 @@ def test_dreambooth_class_images_come_from_the_base_model_once(tmp_path, data_di
     assert [os.stat(folder / n).st_mtime_ns for n in names] == stamps  # cached, not redone
 
 
-def test_dreambooth_lora_keeps_only_adapters(tmp_path, data_dir, base, photos):
+def test_dreambooth_lora_keeps_only_adapters_of_both_networks(tmp_path, data_dir, base, photos):
     run = tmp_path / "run"
-    lora = ["+finetune.lora={rank: 4}", "finetune.class_prompt=null"]
+    lora = ["+finetune.lora={rank: 4, text_encoder: true}", "finetune.class_prompt=null"]
     _train(run, data_dir, base, photos, *DREAMBOOTH, *lora, "trainer.max_steps=2")
     state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
-    assert set(state) - {"latent_scale"} and all(
-        ".lora_" in k for k in set(state) - {"latent_scale"}
+    trained = set(state) - {"latent_scale"}
+    assert trained and all(".lora_" in k for k in trained)
+    assert any(k.startswith("text_tower.") for k in trained)  # the text encoder's adapters
+    kohya = load_file(run / "export" / "lora.safetensors")
+    assert any(k.startswith("lora_te_") for k in kohya) and any(
+        k.startswith("lora_unet_") for k in kohya
     )
-    assert "lora.safetensors" in os.listdir(run / "export")
 
 
 def test_textual_inversion_refuses_fsdp_and_known_words(tmp_path, data_dir, base, photos):
-    with pytest.raises(InputError, match="nothing to shard: use trainer=ddp"):
-        _train(tmp_path / "a", data_dir, base, photos, *TI, "trainer=fsdp", "trainer.devices=1")
+    from conftest import run_cli
+
+    # in a process of its own: FSDP's process group must not outlive the test
+    args = [*FOLDER, "data=folder", f"data.path={photos}", f"pretrained={base}", *TI]
+    args.append(f"paths.data_dir={data_dir}")
+    out = run_cli(*args, "trainer=fsdp", "trainer.devices=1", f"hydra.run.dir={tmp_path / 'a'}")
+    assert out.returncode == 1 and "nothing to shard: use trainer=ddp" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr
     with pytest.raises(Exception, match="'blue' is already a word of the tokenizer"):
         _train(tmp_path / "b", data_dir, base, photos, *TI, "finetune.token=blue")
 

@@ -121,8 +121,9 @@ class BucketTransform:
         return nearest_bucket(width, height, self.sizes)
 
     def sample(self, image: Image.Image, rng=None) -> dict:
-        size = self.bucket(*image.size)
-        return crop(cover(image, size), size, image.size, self.crop, rng, self.hflip)
+        original = image.size  # before cover's draft() shrinks a JPEG in place
+        size = self.bucket(*original)
+        return crop(cover(image, size), size, original, self.crop, rng, self.hflip)
 
 
 def plan_epoch(
@@ -130,7 +131,7 @@ def plan_epoch(
 ) -> list[list[int]]:
     """The epoch's batches of item indices: items shuffled within their bucket, a bucket's last
     batch filled up with its own items again, batches shuffled, their count padded (with batches
-    from the start) to a multiple of ``shares`` (ranks x workers), so every share gets as many.
+    from the start) to a multiple of ``shares`` (ranks), so every rank gets as many.
     The same for every (seed, epoch) and on every rank."""
     rng = random.Random(f"buckets-{seed}-{epoch}")
     by_bucket: dict[tuple[int, int], list[int]] = defaultdict(list)

@@ -24,7 +24,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, IterableDataset
 
 from sd_lightning.data.buckets import (
@@ -84,7 +84,7 @@ def read_folder(
         text = os.path.splitext(name)[0] + ".txt"
         if os.path.isfile(text):
             with open(text, encoding="utf-8") as f:
-                text_caption = f.read().strip()
+                text_caption = f.read().strip() or None  # an empty file: as if none
         else:
             text_caption = None
         if text_caption is None and caption is None:
@@ -92,7 +92,7 @@ def read_folder(
             continue
         try:
             with Image.open(name) as image:
-                image.load()
+                image = ImageOps.exif_transpose(image)  # phone photos: their stored rotation
                 size = image.size
                 bucket = transform.bucket(*size)
                 covered = cover(image, bucket)
@@ -104,9 +104,10 @@ def read_folder(
         small += size[0] < bucket[0] or size[1] < bucket[1]
         items.append(Item(covered, bucket, size, text_caption or caption, weight))
     if uncaptioned:
+        caption_option = option.replace("path", "caption")  # data.caption, data.prior_caption
         raise InputError(
             f"{len(uncaptioned)} image(s) in {path} have no caption ({uncaptioned[0]}...): put a "
-            f"same-named .txt beside each, or set one caption for all with data.caption='...'"
+            f"same-named .txt beside each, or set one caption for all with {caption_option}='...'"
         )
     if bad:
         log.warning(
@@ -172,7 +173,7 @@ class FolderBatches(IterableDataset):
         worker, workers = worker_share()
         if not self.train:
             rank, world = 0, 1
-        mine = self.plan(world * max(1, workers) if self.train else 1)[rank::world]
+        mine = self.plan(world if self.train else 1)[rank::world]
         for i in range(self.offset, len(mine)):
             if (i - self.offset) % workers != worker:
                 continue
@@ -281,6 +282,13 @@ class FolderDataModule(PositionedDataModule):
         )
         n = len(self.images) * self.repeats
         self.items += [prior[k % len(prior)] for k in range(n)]
+        if len(prior) > n:
+            log.warning(
+                "data: only %d of the %d prior images join an epoch (as many as the instance "
+                "images x repeats); raise data.repeats to use them all",
+                n,
+                len(prior),
+            )
         log.info(
             "data: %d prior images from %s, %d samples per epoch at loss weight %g",
             len(prior),
@@ -309,10 +317,8 @@ class FolderDataModule(PositionedDataModule):
             log.info("data: %d images encoded once by the frozen VAE (cache_latents)", len(todo))
 
     def batches_per_epoch(self) -> int:
-        shares = self._world_size() * max(1, self.num_workers)
-        return batches_in_epoch([i.bucket for i in self.items], self.batch_size, shares) // (
-            self._world_size()
-        )
+        world = self._world_size()  # workers take turns within a rank's batches
+        return batches_in_epoch([i.bucket for i in self.items], self.batch_size, world) // world
 
     def train_dataloader(self) -> DataLoader:
         self._add_prior()

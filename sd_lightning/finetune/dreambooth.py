@@ -87,6 +87,14 @@ class DreamBooth:
         log.info("finetune: DreamBooth of %r, training %s; %s", self.instance_prompt, what, prior)
         return self.lora.apply(unet) if self.lora else unet
 
+    def adapt_text(self, text_encoder: nn.Module) -> nn.Module | None:
+        """A LoRA with ``text_encoder: true`` adapts the text encoder too."""
+        return self.lora.adapt_text(text_encoder) if self.lora else None
+
+    @property
+    def unshardable(self) -> str | None:
+        return getattr(self.lora, "unshardable", None)
+
     def files(self, system: nn.Module, net: nn.Module, state: dict) -> dict[str, Any] | None:
         return self.lora.files(system, net, state) if self.lora else None
 
@@ -113,14 +121,24 @@ class DreamBooth:
             )
         folder = self.class_folder(int(data.image_size))
         names = [f"{i:05d}.png" for i in range(self.num_class_images)]
+        # rank 0 decides what is missing and tells the others: every rank then agrees on the
+        # split and meets the same barrier
         missing = [i for i, n in enumerate(names) if not os.path.isfile(os.path.join(folder, n))]
-        if missing and system.global_step > 0:
+        missing = trainer.strategy.broadcast(missing, src=0)
+        if missing and trainer.ckpt_path is not None:
             raise InputError(
                 f"{len(missing)} class images are missing from {folder} in a resumed run: they "
                 "come from the base model before training; restore them or start the run again"
             )
         if missing:
             self._generate(system, folder, names, missing, int(data.image_size))
+        absent = [n for n in names if not os.path.isfile(os.path.join(folder, n))]
+        if absent:
+            raise InputError(
+                f"{len(absent)} class images ({absent[0]}...) are not in {folder} on this node: "
+                "the ranks split the generation, so finetune.class_dir must be a folder every "
+                "node shares"
+            )
         data.set_prior(folder, self.class_prompt, self.prior_loss_weight)
 
     def _generate(self, system, folder: str, names: list[str], missing: list[int], size: int):
@@ -145,6 +163,8 @@ class DreamBooth:
         cuda = system.device.type == "cuda"
         batch = int(self.sampler.get("batch_size", 8))
         for start in range(0, len(mine), batch):
+            if start and trainer.is_global_zero:
+                log.info("dreambooth: %d of %d class images", start, len(mine))
             chunk = mine[start : start + batch]
             with torch.autocast(system.device.type, torch.bfloat16, enabled=cuda):
                 images = system.sample_images(

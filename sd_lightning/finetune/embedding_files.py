@@ -45,12 +45,18 @@ def read_embedding(path: str, option: str = "embeddings") -> tuple[str, torch.Te
             "else d; s.save_file({'emb_params': next(iter(p.values())).float().contiguous()}, "
             "'x.safetensors')\""
         )
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     state = load_file(path)
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata() or {}
     stem = os.path.splitext(os.path.basename(path))[0]
     if "emb_params" in state:
-        word, vectors = stem, state["emb_params"]
+        # the word is the file's name (AUTOMATIC1111); ours keep the token it was trained as
+        token = meta.get("token")
+        word = token if token and file_name(token) == stem else stem
+        vectors = state["emb_params"]
     elif len(state) == 1:
         word, vectors = next(iter(state.items()))
     else:
@@ -72,6 +78,9 @@ def load_embeddings(text_encoder: torch.nn.Module, paths: Any) -> list[str]:
         try:
             text_encoder.add_embedding(word, len(vectors), vectors)
         except ValueError as e:
-            raise InputError(f"embeddings: {path}: {e}") from e
+            raise InputError(
+                f"embeddings: {path}: {e}; rename the file (AUTOMATIC1111's: the word is its "
+                "name) or its tensor (diffusers': the word is its key)"
+            ) from e
         words.append(word.lower())
     return words

@@ -37,12 +37,19 @@ class LoRA:
         alpha: scales the update by ``alpha / rank`` (``null``: the rank, a scale of 1).
         targets: ``attention``, ``attention_ff`` or ``all`` (see the module).
         dropout: dropout on the adapters' input.
+        text_encoder: adapters on the text encoder too (attention and MLP of every block that
+            runs), exported under kohya's ``lora_te_`` and diffusers' ``text_encoder.`` names.
     """
 
     partial = True  # checkpoints hold the adapters, not the base weights
 
     def __init__(
-        self, rank: int = 16, alpha: float | None = None, targets: str = "attention", dropout=0.0
+        self,
+        rank: int = 16,
+        alpha: float | None = None,
+        targets: str = "attention",
+        dropout: float = 0.0,
+        text_encoder: bool = False,
     ):
         if not isinstance(rank, int) or rank < 1:
             raise InputError(f"finetune.rank={rank!r}: give a whole number >= 1 (e.g. 16)")
@@ -52,6 +59,12 @@ class LoRA:
             )
         self.rank, self.alpha = rank, float(alpha if alpha is not None else rank)
         self.targets, self.dropout = targets, float(dropout)
+        self.text_encoder = bool(text_encoder)
+        if self.text_encoder:  # its adapters live outside the sharded U-Net
+            self.unshardable = (
+                "LoRA on the text encoder (finetune.text_encoder=true) is not sharded: use "
+                "trainer=ddp, or finetune.text_encoder=false with trainer=fsdp"
+            )
 
     def module_names(self, unet: nn.Module) -> list[str]:
         """The names of the Linear/Conv2d modules of ``unet`` that get an adapter."""
@@ -92,14 +105,32 @@ class LoRA:
         )
         return unet
 
+    def adapt_text(self, text_encoder: nn.Module) -> nn.Module | None:
+        """With ``text_encoder``: adapters on the text tower too (:mod:`.text_lora`); returns
+        the tower, which the system then holds (its adapters train, its weights stay frozen)."""
+        if not self.text_encoder:
+            return None
+        from sd_lightning.finetune.text_lora import adapt_text_encoder
+
+        return adapt_text_encoder(text_encoder, self.rank, self.alpha, self.dropout)
+
     def files(self, system: nn.Module, net: nn.Module, state: dict) -> dict[str, Any]:
-        """The export: kohya's and diffusers' LoRA files of the adapters in ``state``."""
+        """The export: kohya's and diffusers' LoRA files of the adapters in ``state`` (and the
+        text encoder's, when they train)."""
         from sd_lightning.finetune.lora_files import lora_files
 
-        return lora_files(adapter_state(state), net, self.rank, self.alpha)
+        tower = getattr(system, "text_tower", None)
+        text = adapter_state(tower.state_dict()) if tower is not None else {}
+        return lora_files(adapter_state(state), net, self.rank, self.alpha, text)
 
     def describe(self) -> dict[str, Any]:
-        return {"method": "lora", "rank": self.rank, "alpha": self.alpha, "targets": self.targets}
+        return {
+            "method": "lora",
+            "rank": self.rank,
+            "alpha": self.alpha,
+            "targets": self.targets,
+            "text_encoder": self.text_encoder,
+        }
 
 
 def adapter_state(unet: nn.Module) -> dict[str, torch.Tensor]:
@@ -114,15 +145,27 @@ def adapter_state(unet: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def merge_adapters(unet: nn.Module) -> nn.Module:
-    """The U-Net with its adapters added into the weights and removed (peft's layers replaced by
-    their base layers): the plain network, for sampling and export."""
+@torch.no_grad()
+def _fold(layer: nn.Module) -> nn.Module:
+    """``scaling * B A`` added into the base layer's weight (a Linear's or a Conv2d's); returns
+    the base layer."""
+    base = layer.get_base_layer()
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    weight = base.weight
+    delta = (b.flatten(1).float() @ a.flatten(1).float()) * layer.scaling["default"]
+    weight.add_(delta.reshape(weight.shape).to(weight))
+    return base
+
+
+def merge_adapters(net: nn.Module) -> nn.Module:
+    """``net`` (the U-Net, or the text tower) with its adapters added into the weights and removed
+    (peft's layers replaced by their base layers): the plain network, for sampling and export."""
     from peft.tuners.lora import LoraLayer
 
-    for name, module in list(unet.named_modules()):
-        if isinstance(module, LoraLayer):
-            module.merge()
-            parent_name, _, child = name.rpartition(".")
-            parent = unet.get_submodule(parent_name) if parent_name else unet
-            setattr(parent, child, module.get_base_layer())
-    return unet
+    adapted = [(n, m) for n, m in net.named_modules() if isinstance(m, LoraLayer)]  # a list:
+    # the loop replaces modules
+    for name, module in adapted:
+        parent_name, _, child = name.rpartition(".")
+        parent = net.get_submodule(parent_name) if parent_name else net
+        setattr(parent, child, _fold(module))
+    return net

@@ -25,6 +25,12 @@ from sd_lightning.weights import layouts
 KOHYA_UNET = "lora_unet_"
 KOHYA_TEXT = "lora_te_"
 DIFFUSERS_UNET = "unet."
+DIFFUSERS_TEXT = "text_encoder."
+TEXT_PARTS = {  # our text tower's adapted layers -> transformers' CLIP names in a block
+    **{f"attn.{p}": f"self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj", "out_proj")},
+    "mlp.c_fc": "mlp.fc1",
+    "mlp.c_proj": "mlp.fc2",
+}
 FAMILY_VERSION = {768: "sd_v1", 1024: "sd_v2"}
 
 
@@ -42,25 +48,45 @@ def diffusers_names(unet: nn.Module) -> dict[str, str]:
     return out
 
 
+def text_pairs(adapters: dict[str, torch.Tensor]) -> dict[str, tuple]:
+    """The text tower's adapters (``adapter_state`` of it) under transformers' CLIP module paths
+    (``text_model.encoder.layers.<i>.self_attn.q_proj``...): ``{path: (A, B)}``."""
+    out = {}
+    for key, a in adapters.items():
+        if key.endswith(".lora_A"):
+            module = key[: -len(".lora_A")]
+            block, _, part = module.removeprefix("transformer.resblocks.").partition(".")
+            path = f"text_model.encoder.layers.{block}.{TEXT_PARTS[part]}"
+            out[path] = (a, adapters[module + ".lora_B"])
+    return out
+
+
 def lora_files(
-    adapters: dict[str, torch.Tensor], unet: nn.Module, rank: int, alpha: float
+    adapters: dict[str, torch.Tensor],
+    unet: nn.Module,
+    rank: int,
+    alpha: float,
+    text: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, tuple[dict[str, torch.Tensor], dict[str, str]]]:
     """``{"lora": kohya's file, "pytorch_lora_weights": diffusers'}``: tensors and metadata,
-    from ``adapter_state``'s ``<module>.lora_A`` / ``.lora_B``."""
+    from ``adapter_state``'s ``<module>.lora_A`` / ``.lora_B`` of the U-Net (and of the text
+    tower: ``text``)."""
     names = diffusers_names(unet)
-    kohya, diff = {}, {}
+    pairs = {}
     for key, a in adapters.items():
-        if not key.endswith(".lora_A"):
-            continue
-        module = key[: -len(".lora_A")]
-        b = adapters[module + ".lora_B"]
-        path = names[module]
-        stem = KOHYA_UNET + path.replace(".", "_")
+        if key.endswith(".lora_A"):
+            module = key[: -len(".lora_A")]
+            pairs[(KOHYA_UNET, DIFFUSERS_UNET, names[module])] = (a, adapters[module + ".lora_B"])
+    for path, ab in text_pairs(text or {}).items():
+        pairs[(KOHYA_TEXT, DIFFUSERS_TEXT, path)] = ab
+    kohya, diff = {}, {}
+    for (kohya_prefix, diffusers_prefix, path), (a, b) in pairs.items():
+        stem = kohya_prefix + path.replace(".", "_")
         kohya[stem + ".lora_down.weight"] = a
         kohya[stem + ".lora_up.weight"] = b
         kohya[stem + ".alpha"] = torch.tensor(float(alpha))
-        diff[f"{DIFFUSERS_UNET}{path}.lora_A.weight"] = a
-        diff[f"{DIFFUSERS_UNET}{path}.lora_B.weight"] = b * (alpha / rank)
+        diff[f"{diffusers_prefix}{path}.lora_A.weight"] = a
+        diff[f"{diffusers_prefix}{path}.lora_B.weight"] = b * (alpha / rank)
     context = unet.config["context_dim"]
     meta = {
         "ss_network_module": "networks.lora",
@@ -79,54 +105,85 @@ def lora_files(
     }
 
 
-def _pairs(state: dict[str, torch.Tensor], path: str) -> dict[str, tuple]:
-    """``{diffusers module path: (A, B, alpha or None)}`` of a LoRA file in either format."""
-    text = [k for k in state if k.startswith((KOHYA_TEXT, "text_encoder."))]
-    if text:
-        raise InputError(
-            f"lora={path!r} also adapts the text encoder ({text[0]}...), which is not applied "
-            "yet: give a U-Net-only LoRA"
-        )
-    out: dict[str, tuple] = {}
+def _pairs(state: dict[str, torch.Tensor], path: str) -> tuple[dict, dict]:
+    """``({diffusers U-Net module path: (A, B, alpha or None)}, {transformers CLIP text path:
+    (A, B, alpha or None)})`` of a LoRA file in either format."""
+    unet: dict[str, tuple] = {}
+    text: dict[str, tuple] = {}
     for key, down in state.items():
-        if key.startswith(KOHYA_UNET) and key.endswith(".lora_down.weight"):
-            stem = key[: -len(".lora_down.weight")]
-            alpha = state.get(stem + ".alpha")
-            out[stem[len(KOHYA_UNET) :]] = (down, state[stem + ".lora_up.weight"], alpha)
-        elif key.startswith(DIFFUSERS_UNET) and key.endswith(".lora_A.weight"):
-            stem = key[: -len(".lora_A.weight")]
-            out[stem[len(DIFFUSERS_UNET) :]] = (down, state[stem + ".lora_B.weight"], None)
-    if not out:
+        for kohya, diffusers, into in (
+            (KOHYA_UNET, DIFFUSERS_UNET, unet),
+            (KOHYA_TEXT, DIFFUSERS_TEXT, text),
+        ):
+            if key.startswith(kohya) and key.endswith(".lora_down.weight"):
+                stem = key[: -len(".lora_down.weight")]
+                alpha = state.get(stem + ".alpha")
+                name = stem[len(kohya) :]
+                into[name] = (down, state[stem + ".lora_up.weight"], alpha)
+            elif key.startswith(diffusers) and key.endswith(".lora_A.weight"):
+                stem = key[: -len(".lora_A.weight")]
+                into[stem[len(diffusers) :].replace(".", "_")] = (
+                    down,
+                    state[stem + ".lora_B.weight"],
+                    None,
+                )
+    if not unet and not text:
         raise InputError(
-            f"lora={path!r} has no U-Net LoRA weights (neither kohya's lora_unet_*.lora_down "
-            "nor diffusers' unet.*.lora_A keys)"
+            f"lora={path!r} has no LoRA weights (neither kohya's lora_unet_/lora_te_*.lora_down "
+            "nor diffusers' unet./text_encoder.*.lora_A keys)"
         )
+    return unet, text
+
+
+def _text_weights(tower: nn.Module) -> dict[str, tuple[torch.Tensor, slice | None]]:
+    """transformers' CLIP text module paths (with _ for .) -> (our tower's weight, rows)."""
+    out = {}
+    for i, block in enumerate(tower.transformer.resblocks):
+        layer = f"text_model_encoder_layers_{i}_"
+        width = block.attn.embed_dim
+        for j, name in enumerate(("q_proj", "k_proj", "v_proj")):
+            out[f"{layer}self_attn_{name}"] = (
+                block.attn.in_proj_weight,
+                slice(j * width, (j + 1) * width),
+            )
+        out[f"{layer}self_attn_out_proj"] = (block.attn.out_proj.weight, None)
+        out[f"{layer}mlp_fc1"] = (block.mlp.c_fc.weight, None)
+        out[f"{layer}mlp_fc2"] = (block.mlp.c_proj.weight, None)
     return out
 
 
 @torch.no_grad()
-def merge_lora(unet: nn.Module, path: str, scale: float = 1.0) -> int:
-    """Add ``scale * alpha / rank * B A`` of the LoRA file at ``path`` to ``unet``'s weights;
-    returns how many layers changed. Every adapter must name a layer of ``unet``."""
+def merge_lora(
+    unet: nn.Module, path: str, scale: float = 1.0, tower: nn.Module | None = None
+) -> int:
+    """Add ``scale * alpha / rank * B A`` of the LoRA file at ``path`` to ``unet``'s weights (and
+    the text ``tower``'s, for a file that adapts the text encoder too); returns how many layers
+    changed. Every adapter must name a layer."""
     from sd_lightning.files import read_weight_file
 
     found = read_weight_file(path, "lora", "a LoRA .safetensors file (kohya's or diffusers')")
     if found.kind != "safetensors":
         raise InputError(f"lora={path!r}: give the .safetensors file of a LoRA")
-    pairs = _pairs(found.tensors(), path)
-    ours = {theirs: mine for mine, theirs in diffusers_names(unet).items()}
-    kohya = {theirs.replace(".", "_"): mine for theirs, mine in ours.items()}
+    unet_pairs, text_pairs_ = _pairs(found.tensors(), path)
+    ours = {theirs.replace(".", "_"): mine for mine, theirs in diffusers_names(unet).items()}
     modules = dict(unet.named_modules())
-    missing = [k for k in pairs if k not in ours and k not in kohya]
+    targets = {name: (modules[mine].weight, None) for name, mine in ours.items()}
+    if text_pairs_:
+        if tower is None:
+            raise InputError(f"lora={path!r} also adapts the text encoder, which this model lacks")
+        targets.update(_text_weights(tower))
+    pairs = {**unet_pairs, **text_pairs_}
+    missing = [k for k in pairs if k not in targets]
     if missing:
         raise InputError(
-            f"lora={os.fspath(path)!r} names {len(missing)} layers this U-Net lacks (another "
+            f"lora={os.fspath(path)!r} names {len(missing)} layers this model lacks (another "
             f"family or size?): {', '.join(sorted(missing)[:3])}"
         )
     for name, (a, b, alpha) in pairs.items():
-        module = modules[ours.get(name) or kohya[name]]
+        weight, rows = targets[name]
+        target = weight if rows is None else weight[rows]
         rank = a.shape[0]
         factor = scale * (float(alpha) / rank if alpha is not None else 1.0)
-        delta = (b.flatten(1).float() @ a.flatten(1).float()).reshape(module.weight.shape)
-        module.weight.add_(delta.to(module.weight) * factor)
+        delta = (b.flatten(1).float() @ a.flatten(1).float()).reshape(target.shape)
+        target.add_(delta.to(target) * factor)  # a view of the fused q/k/v rows adds in place
     return len(pairs)

@@ -46,7 +46,10 @@ class TextualInversion:
     """
 
     partial = True  # checkpoints hold the vectors, the base comes from pretrained=
-    shardable = False  # a few thousand parameters: trainer=ddp
+    unshardable = (  # why not under trainer=fsdp
+        "finetune=textual_inversion trains a few thousand parameters, nothing to shard: use "
+        "trainer=ddp (or trainer=gpu) instead of trainer=fsdp"
+    )
 
     def __init__(self, token: str = "<concept>", init_word: str = "object", num_vectors: int = 1):
         if not token or any(c.isspace() for c in token):
@@ -75,7 +78,10 @@ class TextualInversion:
         try:
             text_encoder.add_embedding(self.token, self.num_vectors)
         except ValueError as e:
-            raise InputError(f"finetune.token={self.token!r}: {e}") from e
+            raise InputError(
+                f"finetune.token={self.token!r}: {e}: choose another, e.g. "
+                f"'<{self.token.strip('<>')}-1>'"
+            ) from e
         table = text_encoder.tower.token_embedding.weight.detach()
         start = table[ids].float().mean(0, keepdim=True).repeat(self.num_vectors, 1)
         log.info(

@@ -19,7 +19,9 @@ class Frozen(nn.Module):
 
     def __init__(self, net: nn.Module, offload: bool = False):
         super().__init__()
-        net.requires_grad_(False).eval()
+        if not getattr(net, "trains", False):  # a text encoder with LoRA adapters keeps them
+            net.requires_grad_(False)
+        net.eval()
         object.__setattr__(self, "net", net)  # deliberately not registered as a submodule
         self.offload = offload
 

@@ -108,6 +108,7 @@ class OpenCLIPTextEncoder(nn.Module):
         self.tower = tower.requires_grad_(False).eval()
         self.width = tower.transformer.width
         self.context_length = tower.context_length
+        self.trains = False  # LoRA adapters on the tower train (finetune.text_encoder=true)
         self.added: list[str] = []  # tokens past the vocabulary (textual inversion)
         self.expansions: dict[str, str] = {}
         self.register_buffer("added_rows", torch.zeros(0, self.width), persistent=False)
@@ -122,18 +123,21 @@ class OpenCLIPTextEncoder(nn.Module):
         from open_clip.tokenizer import SimpleTokenizer
 
         name = name.lower()
+        if not regex.fullmatch(r"[!-~]+", name):
+            raise ValueError(
+                f"{name!r}: a new word is printable ASCII without spaces (e.g. '<my-teapot>')"
+            )
         tokens = [name] + [f"{name}_{i}" for i in range(1, count)]
         known = self.tokenizer.encoder
         clash = [t for t in tokens if t in known or t + "</w>" in known]
         if clash:
-            raise ValueError(
-                f"token {clash[0]!r} is already a word of the tokenizer: choose one that is "
-                f"not, e.g. '<{clash[0].strip('<>')}-1>'"
-            )
+            raise ValueError(f"{clash[0]!r} is already a word of the tokenizer")
         if not isinstance(self.tokenizer, SimpleTokenizer):
             raise ValueError(f"{type(self.tokenizer).__name__} cannot take new tokens")
         if rows is not None and len(self.added_rows) < len(self.added):
-            raise ValueError("trained tokens are added last, after every loaded embedding")
+            raise ValueError(
+                "an embedding is loaded after a trained word was added: load embeddings first"
+            )
         if rows is not None:
             rows = rows.to(self.added_rows)
             if rows.shape != (count, self.width):
@@ -144,11 +148,14 @@ class OpenCLIPTextEncoder(nn.Module):
             self.added_rows = torch.cat([self.added_rows, rows])
         self.added += tokens
         self.expansions[name] = " ".join(tokens)
-        tokenizer = SimpleTokenizer(
-            additional_special_tokens=self.added, context_length=self.context_length
-        )
-        # the tokenizer joins its special tokens into a pattern unescaped and in order: escaped,
-        # longest first (so <t>_1 is not read as <t> and _1)
+        # the new words after the vocabulary, each one token (cached: never split by BPE);
+        # matched before anything else, escaped, longest first (<t>_1 is not <t> and _1)
+        tokenizer = SimpleTokenizer(context_length=self.context_length)
+        for word in self.added:
+            tokenizer.encoder[word] = len(tokenizer.decoder)
+            tokenizer.decoder[len(tokenizer.decoder)] = word
+            tokenizer.cache[word] = word
+        tokenizer.vocab_size = len(tokenizer.encoder)
         words = sorted(["<start_of_text>", "<end_of_text>", *self.added], key=len, reverse=True)
         special = "|".join(map(regex.escape, words))
         rest = r"""|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
@@ -189,8 +196,9 @@ class OpenCLIPTextEncoder(nn.Module):
 
     def forward(self, captions: Sequence[str], extra: torch.Tensor | None = None) -> torch.Tensor:
         """Token states of ``captions``; ``extra``: the embeddings of the last added tokens, when
-        they train (gradients reach them, never the tower)."""
-        with torch.set_grad_enabled(extra is not None and extra.requires_grad):
+        they train (gradients reach them and the tower's LoRA adapters, never its weights)."""
+        trained = self.trains or (extra is not None and extra.requires_grad)
+        with torch.set_grad_enabled(trained and torch.is_grad_enabled()):
             return self._states(captions, extra)
 
     def _states(self, captions: Sequence[str], extra: torch.Tensor | None) -> torch.Tensor:

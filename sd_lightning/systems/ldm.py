@@ -200,7 +200,16 @@ class LatentDiffusionSystem(StepSeededMixin, StageCheckpointMixin):
                 "model.offload_text_encoder=true keeps the text encoder on the CPU, but textual "
                 "inversion trains through it: set model.offload_text_encoder=false"
             )
+        adapt_text = getattr(self.finetune, "adapt_text", None)
+        text_tower = adapt_text(text_encoder) if adapt_text else None
+        if offload_text_encoder and text_tower is not None:
+            raise InputError(
+                "model.offload_text_encoder=true keeps the text encoder on the CPU, but its LoRA "
+                "trains (finetune.text_encoder=true): set one of them to false"
+            )
         self.text_encoder = Frozen(text_encoder, offload=offload_text_encoder)
+        if text_tower is not None:  # its adapters train: held (and moved, saved) by the system
+            self.text_tower = text_tower
         self._text_cache: dict[str, torch.Tensor] = {}  # offloaded: states per caption
         self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
         self.prediction = prediction
@@ -240,11 +249,9 @@ class LatentDiffusionSystem(StepSeededMixin, StageCheckpointMixin):
                 )
             compile_unet(self.unet, self.compile_scope, **self.compile_options)
             self._compiled = True
-        if mesh is not None and not getattr(self.finetune, "shardable", True):
-            raise InputError(
-                "finetune=textual_inversion trains a few thousand parameters, nothing to shard: "
-                "use trainer=ddp (or trainer=gpu) instead of trainer=fsdp"
-            )
+        unshardable = getattr(self.finetune, "unshardable", None)
+        if mesh is not None and unshardable:
+            raise InputError(unshardable)
         nets = [self.unet] + ([self.ema.net] if self.ema is not None else [])
         if mesh is None or is_sharded(self.unet):  # not FSDP, or done already (validate after fit)
             return
@@ -378,6 +385,7 @@ class LatentDiffusionSystem(StepSeededMixin, StageCheckpointMixin):
         new = [c for c in dict.fromkeys(captions) if c not in self._text_cache]
         if len(self._text_cache) + len(new) > TEXT_CACHE:
             self._text_cache.clear()
+            new = list(dict.fromkeys(captions))
         if new:
             states = self.text_encoder(new).float().to(self.device)
             self._text_cache.update(zip(new, states))
