@@ -78,7 +78,9 @@ def input_error(exn: BaseException | None) -> InputError | None:
 
 def report(exn: InputError) -> None:
     """``Error: <message>`` on stderr, and as an ERROR record in the run's log file."""
-    print(f"Error: {exn}", file=sys.stderr, flush=True)
+    # one write of the whole line: ranks sharing a stderr pipe never splice their messages
+    sys.stderr.write(f"Error: {exn}\n")
+    sys.stderr.flush()
     record = logging.LogRecord("sd_lightning", logging.ERROR, __file__, 0, "%s", (exn,), None)
     for handler in logging.getLogger().handlers:
         if isinstance(handler, logging.FileHandler):

@@ -157,9 +157,17 @@ def _losses(run) -> dict[int, float]:
 def test_fsdp_trains_like_ddp_and_resumes_exactly_from_sharded_checkpoints(
     tmp_path, data_dir, vae_ckpt
 ):
+    from concurrent.futures import ThreadPoolExecutor
+
     fsdp, ddp, resumed = tmp_path / "fsdp", tmp_path / "ddp", tmp_path / "resumed"
-    _two_process_run(fsdp, "fsdp", data_dir, vae_ckpt, "trainer.max_steps=8")
-    _two_process_run(ddp, "ddp", data_dir, vae_ckpt, "trainer.max_steps=8")
+    runs = [(fsdp, "fsdp", 8), (ddp, "ddp", 8), (resumed, "fsdp", 4)]  # independent: at once
+    with ThreadPoolExecutor(len(runs)) as pool:  # (their imports are much of their time)
+        done = [
+            pool.submit(_two_process_run, r, s, data_dir, vae_ckpt, f"trainer.max_steps={n}")
+            for r, s, n in runs
+        ]
+        for job in done:
+            job.result()
 
     # the same seed, data and maths: the loss of every step, and the final EMA weights, agree
     losses_fsdp, losses_ddp = _losses(fsdp), _losses(ddp)
@@ -183,7 +191,6 @@ def test_fsdp_trains_like_ddp_and_resumes_exactly_from_sharded_checkpoints(
 
     # stopped at step 4 (an epoch boundary) and resumed from the sharded checkpoint to step 8:
     # the same weights, EMA included, as the run that went through
-    _two_process_run(resumed, "fsdp", data_dir, vae_ckpt, "trainer.max_steps=4")
     out = _two_process_run(resumed, "fsdp", data_dir, vae_ckpt, "trainer.max_steps=8")
     assert "resume: continuing from" in out.stdout + out.stderr
     assert len(_losses(resumed)) == 8  # both parts logged (csv/version_0 and version_1)
