@@ -46,6 +46,7 @@ def check_training(cfg: DictConfig) -> None:
     """The values and files a training run checks before it builds anything."""
     require(cfg)
     check_seed(cfg.get("seed"))
+    check_data(cfg.get("data"))
     max_steps = cfg.trainer.get("max_steps", -1)
     if max_steps is not None and (max_steps == 0 or max_steps < -1):
         raise InputError(
@@ -69,6 +70,25 @@ def check_training(cfg: DictConfig) -> None:
             "Diffusion's VAE) or pretrained=... (Stable Diffusion weights to fine-tune)"
         )
     check_run_dir(cfg.paths.output_dir, ckpt_path)
+
+
+def check_data(data: DictConfig | None) -> None:
+    """The data group's required values, and a folder of photos that is there."""
+    if not data:
+        return
+    for key in data:
+        if OmegaConf.is_missing(data, key):
+            raise InputError(
+                f"this data config needs data.{key}=... (data=folder: data.path=/photos/my_cat, "
+                "a folder of images; data=latents: data.urls=..., stage=encode's shards)"
+            )
+    if str(data.get("_target_", "")).endswith("FolderDataModule"):
+        path = str(data.path)
+        if not os.path.isdir(path):
+            raise InputError(
+                f"data.path={path!r} is not a folder: give a folder of images (.jpg, .png, "
+                ".webp), each with an optional same-named .txt caption"
+            )
 
 
 def check_pretrained(path: str) -> None:

@@ -142,3 +142,16 @@ def test_shards_bucket_too_every_batch_one_shape(tmp_path):
     shapes = {tuple(b["image"].shape[-2:]) for b in batches}
     assert len(shapes) > 1 and sum(len(b["caption"]) for b in batches) == 24
     assert all(b["crop_top_left"].shape == (len(b["caption"]), 2) for b in batches)
+
+
+def test_the_command_line_checks_the_folder_before_building_anything(tmp_path):
+    from conftest import compose_config
+
+    from sd_lightning.preflight import check_training
+
+    base = ["experiment=lora", "pretrained=/models/sd.safetensors", "data=folder"]
+    with pytest.raises(InputError, match=r"needs data.path=\.\.\. \(data=folder: data.path="):
+        check_training(compose_config(base, tmp_path / "a", tmp_path / "data"))
+    missing = ["data.path=/photos/nope", *base]
+    with pytest.raises(InputError, match="data.path='/photos/nope' is not a folder"):
+        check_training(compose_config(missing, tmp_path / "b", tmp_path / "data"))
