@@ -237,3 +237,20 @@ def test_memory_options_offloaded_text_encoder_and_8bit_adamw(tmp_path, data_dir
                 data_dir,
             ).model
         )
+
+
+def test_base_hashes_are_remembered_until_the_file_changes(tmp_path, monkeypatch):
+    import json
+
+    from sd_lightning.finetune.base import cached_fingerprint, fingerprint
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    base = tmp_path / "base.safetensors"
+    base.write_bytes(b"a" * 100)
+    first = cached_fingerprint(str(base))
+    assert first == fingerprint(str(base))
+    cache = json.loads((tmp_path / "cache" / "sd_lightning" / "sha256.json").read_text())
+    assert cache[str(base)]["sha256"] == first  # remembered by path, size and time
+    base.write_bytes(b"b" * 100)  # the same size, other bytes and another time
+    os.utime(base, ns=(1, 1))
+    assert cached_fingerprint(str(base)) == fingerprint(str(base)) != first
