@@ -333,7 +333,3 @@ class FolderDataModule(PositionedDataModule):
         first = self.images[: self.val_images]
         dataset = FolderBatches(first, self.batch_size, self.seed, "center", False, train=False)
         return DataLoader(dataset, batch_size=None, num_workers=0)
-
-    def sizes(self) -> list[tuple[int, int]]:
-        """The bucket sizes (width, height) in use."""
-        return sorted({i.bucket for i in self.images})

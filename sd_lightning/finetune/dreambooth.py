@@ -177,6 +177,3 @@ class DreamBooth:
                     Image.fromarray(pixels).save(path + ".part", format="PNG")
                     os.replace(path + ".part", path)  # a crash leaves no half image
         trainer.strategy.barrier("dreambooth-class-images")
-
-    def describe(self) -> dict[str, Any]:
-        return {"method": "dreambooth", "lora": self.lora.describe() if self.lora else None}

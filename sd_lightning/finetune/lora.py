@@ -123,15 +123,6 @@ class LoRA:
         text = adapter_state(tower.state_dict()) if tower is not None else {}
         return lora_files(adapter_state(state), net, self.rank, self.alpha, text)
 
-    def describe(self) -> dict[str, Any]:
-        return {
-            "method": "lora",
-            "rank": self.rank,
-            "alpha": self.alpha,
-            "targets": self.targets,
-            "text_encoder": self.text_encoder,
-        }
-
 
 def adapter_state(unet: nn.Module) -> dict[str, torch.Tensor]:
     """``{module name: (A, B)}``-style flat dict ``<module>.lora_A`` / ``<module>.lora_B`` of the

@@ -97,6 +97,3 @@ class TextualInversion:
 
     def files(self, system: nn.Module, net: nn.Module, state: dict) -> dict[str, Any]:
         return embedding_files(self.token, system.embeddings.weight.detach().float().cpu())
-
-    def describe(self) -> dict[str, Any]:
-        return {"method": "textual_inversion", "token": self.token, "vectors": self.num_vectors}
