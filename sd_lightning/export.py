@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 
 from sd_lightning.errors import InputError
 from sd_lightning.preflight import check_sampling_source, require
+from sd_lightning.weights.configs import LATENT_SCALE
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +108,16 @@ def export(cfg: DictConfig) -> dict[str, Any]:
             " or ".join(missing),
             release.unet.config["context_dim"],
         )
+    if abs(release.latent_scale - LATENT_SCALE) > 1e-6 * LATENT_SCALE:
+        log.warning(
+            "%s: latent scale %.5f, not SD's %s: single-file tools assume SD's and would decode "
+            "wrongly (ComfyUI; AUTOMATIC1111 reads scale_factor from a .yaml beside the file). "
+            "The file's metadata records it, and format=diffusers writes it as the VAE's "
+            "scaling_factor, which diffusers reads",
+            output,
+            release.latent_scale,
+            LATENT_SCALE,
+        )
     if release.prediction == "v_prediction":
         log.info(
             "v_prediction: tell the loading tool (AUTOMATIC1111: a .yaml beside the file with "
@@ -117,6 +128,15 @@ def export(cfg: DictConfig) -> dict[str, Any]:
             "trained with clip skip %d (text_encoder.layer=%d): sample with clip_skip=%d in "
             "diffusers, CLIP Set Last Layer -%d in ComfyUI",
             release.text.skip + 1,
+            release.text.skip,
+            release.text.skip,
+            release.text.skip + 1,
+        )
+    if layout == "sd2" and release.text.skip > 1:
+        log.info(
+            "trained on the states %d blocks before the last (text_encoder.layer=%d); SD 2 tools "
+            "read the penultimate (ComfyUI: CLIP Set Last Layer -%d); our readers take it from "
+            "the metadata",
             release.text.skip,
             release.text.skip,
             release.text.skip + 1,

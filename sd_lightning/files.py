@@ -111,11 +111,15 @@ class _Safetensors(Mapping):
 
     def __init__(self, handle: Any, meta: bool = False):
         self._handle, self._keys, self._meta = handle, list(handle.keys()), meta
+        self._names = set(self._keys)
 
     def __getitem__(self, key: str) -> torch.Tensor:
         if self._meta:
             return torch.empty(self._handle.get_slice(key).get_shape(), device="meta")
         return self._handle.get_tensor(key)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._names
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._keys)

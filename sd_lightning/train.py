@@ -112,4 +112,8 @@ def export_weights(
         text = {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
         save_file(state, path, metadata=text)
         paths.append(path)
+    readers = getattr(getattr(system, "finetune", None), "readers", None) or {}
+    for stem in files:
+        if stem in readers:
+            log.info("%s.safetensors: %s", stem, readers[stem])
     return ", ".join(paths)

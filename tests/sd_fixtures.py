@@ -67,15 +67,19 @@ SMALL_UNET = {
 SMALL_VAE = dict(ch=16, ch_mult=[1, 2], num_res_blocks=1, z_channels=4, embed_dim=4, norm_groups=8)
 
 
-def clip_model(transformers, layers: int = 2):
+def clip_model(transformers, layers: int = 3, heads: int = 4, act: str = "quick_gelu", **more):
+    """A tiny CLIPTextModel unlike SD's in what readers must read: 16-wide heads (SD's are 64),
+    an MLP of 2.5x the width (SD's 4x), 3 layers; ``heads=1`` for the 64-wide heads of SD's own
+    releases, which single files assume."""
     cfg = transformers.CLIPTextConfig(
         vocab_size=49408,  # the tokenizer's ids
         hidden_size=64,
-        intermediate_size=128,
+        intermediate_size=160,
         num_hidden_layers=layers,
-        num_attention_heads=1,  # 64-wide heads, as every CLIP text tower SD uses
+        num_attention_heads=heads,
         max_position_embeddings=77,
-        hidden_act="quick_gelu",
+        hidden_act=act,
+        **more,
     )
     return randomize(transformers.CLIPTextModel(cfg))
 
@@ -86,9 +90,13 @@ def pipeline_folder(
     vae: dict[str, Any] | None = None,
     sample_size: int = 8,
     name: str = "tiny-sd",
+    text: dict[str, Any] | None = None,
+    prediction: str = "epsilon",
 ) -> tuple:
     """A tiny SD 1-like diffusers pipeline folder written by diffusers and transformers (the
-    4-level SD 1 layout unless ``unet``/``vae`` say otherwise; a 64-d CLIP text model)."""
+    4-level SD 1 layout unless ``unet``/``vae`` say otherwise; a 64-d CLIP text model of
+    :func:`clip_model`, or with ``text``'s options: ``act="gelu"`` makes it SD 2-like, padded
+    with "!")."""
     diffusers = pytest.importorskip("diffusers")
     transformers = pytest.importorskip("transformers")
     folder = tmp_path / name
@@ -97,12 +105,13 @@ def pipeline_folder(
     unet_net = randomize(diffusers.UNet2DConditionModel(**config), 1)
     vae_cfg = {**AutoencoderKL(**(vae or VAE)).config, "resolution": 32}
     vae_net = randomize(diffusers.AutoencoderKL(**vae_diffusers_config(vae_cfg)), 2)
-    text = clip_model(transformers)
-    scheduler = diffusers.DDIMScheduler(**SD_SCHEDULER)
-    words = write_clip_tokenizer(str(tmp_path / f"{name}-tokenizer"))
+    text_net = clip_model(transformers, **(text or {}))
+    scheduler = diffusers.DDIMScheduler(**SD_SCHEDULER, prediction_type=prediction)
+    pad = "eot" if text_net.config.hidden_act == "quick_gelu" else "zero"
+    words = write_clip_tokenizer(str(tmp_path / f"{name}-tokenizer"), pad)
     diffusers.StableDiffusionPipeline(
         vae=vae_net,
-        text_encoder=text,
+        text_encoder=text_net,
         tokenizer=transformers.CLIPTokenizer.from_pretrained(words),
         unet=unet_net,
         scheduler=scheduler,
@@ -110,4 +119,4 @@ def pipeline_folder(
         feature_extractor=None,
         requires_safety_checker=False,
     ).save_pretrained(folder)
-    return folder, unet_net, vae_net, text, scheduler
+    return folder, unet_net, vae_net, text_net, scheduler

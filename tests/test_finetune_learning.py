@@ -3,7 +3,8 @@ demo set at 32 px and exported, tests/demo_model.py) and a small folder of new p
 generated images are scored with a simple pixel statistic against the base model's images for
 the same prompts and seeds:
 
-- textual inversion of a colour the demo set never names: teal shapes as ``<c1>``;
+- textual inversion of a colour as a new word: orange shapes, whose captions never say
+  "orange", as ``<c1>`` (the word starts from "shape", which the base draws in other colours);
 - DreamBooth (with prior preservation) of a shape the demo set lacks: a star as ``sks``;
 - LoRA shifting a style: every shape drawn purple, whatever colour its caption names.
 
@@ -31,7 +32,6 @@ from sd_lightning.train import train
 pytestmark = pytest.mark.slow
 
 SIZE = 32
-TEAL = (0, 150, 150)
 COMMON = [
     "logger=none",
     "trainer=cpu",
@@ -81,11 +81,14 @@ def _fine_tune(tmp_path, data_dir, demo_model, photos, *overrides):
     return load_ldm(str(run / "checkpoints" / "last.ckpt"))
 
 
-def test_textual_inversion_learns_teal_as_c1(tmp_path, data_dir, demo_model):
+def test_textual_inversion_learns_orange_as_c1(tmp_path, data_dir, demo_model):
+    """A colour the VAE renders (a colour it never saw, such as teal, comes out of the demo VAE
+    as green, 68/170/112 for 0/150/150, whatever the embedding learns), named only by the new
+    word."""
     photos = _folder(
-        tmp_path / "teal",
+        tmp_path / "orange",
         [
-            (_photo(s, TEAL, p, seed=i), f"a <c1> {s} {_where(p)}")
+            (_photo(s, COLORS["orange"], p, seed=i), f"a <c1> {s} {_where(p)}")
             for i, (s, p) in enumerate((s, p) for s in SHAPES for p in POSITIONS)
         ],
     )
@@ -103,22 +106,21 @@ def test_textual_inversion_learns_teal_as_c1(tmp_path, data_dir, demo_model):
     )
     prompts = [f"a <c1> {s} {_where(p)}" for s in SHAPES for p in POSITIONS if p != "top left"]
 
-    def teal(images):  # images whose shape is nearer teal than any colour of the demo
-        palette = {**COLORS, "teal": TEAL}
+    def orange(images):  # images whose shape is nearer orange than any other demo colour
         hits = 0
         for image in images:
             mask = _foreground(image, 40)
             if mask.sum() >= 4:
                 mean = image[mask].astype(float).mean(0)
-                hits += (
-                    min(palette, key=lambda c: np.sum((np.array(palette[c]) - mean) ** 2)) == "teal"
-                )
+                nearest = min(COLORS, key=lambda c: np.sum((np.array(COLORS[c]) - mean) ** 2))
+                hits += nearest == "orange"
         return hits
 
-    before = teal(_images(load_ldm(str(demo_model.ckpt)), prompts))
-    after = teal(_images(tuned, prompts))
+    before = orange(_images(load_ldm(str(demo_model.ckpt)), prompts))
+    after = orange(_images(tuned, prompts))
     print(
-        f"textual inversion: teal shapes for '<c1>' {before}/{len(prompts)} -> {after}/{len(prompts)}"
+        f"textual inversion: orange shapes for '<c1>' {before}/{len(prompts)} -> "
+        f"{after}/{len(prompts)}"
     )
     assert after >= len(prompts) // 2 and after > before
 

@@ -115,6 +115,45 @@ def test_a_text_encoder_lora_exports_what_diffusers_loads_into_both_networks(
             torch.testing.assert_close(model.encode_text(prompt), ours_text, atol=1e-5, rtol=1e-4)
 
 
+def test_a_text_encoder_lora_on_latent_shards_trains_the_text_adapters(tmp_path, data_dir, base):
+    """Stored text states cannot train the text encoder's adapters: with them trained, captions
+    are encoded in every step (the exported up-weights leave zero)."""
+    from sd_lightning.encode import encode
+
+    latents = tmp_path / "latents"
+    written = encode(
+        compose_config(
+            [
+                *[o for o in DATA_TINY if not o.startswith("logger=")],
+                "stage=encode",
+                f"vae_ckpt={base}",
+                "text_encoder=clip_vit_l",
+                f"text_encoder.pretrained={base}",
+                "text_encoder.layer=auto",
+                f"output={latents}",
+                "dtype=float32",
+            ],
+            tmp_path / "encode",
+            data_dir,
+        )
+    )
+    urls = written["urls"]
+    _train(
+        tmp_path / "run",
+        data_dir,
+        base,
+        "trainer.max_steps=2",
+        "finetune.text_encoder=true",
+        "data=latents",
+        f"data.urls='{urls}'",
+        "data.val_shards=0",
+        "data.image_size=32",
+    )
+    kohya = load_file(tmp_path / "run" / "export" / "lora.safetensors")
+    ups = [v for k, v in kohya.items() if k.startswith("lora_te_") and ".lora_up." in k]
+    assert ups and all(v.abs().max() > 0 for v in ups)
+
+
 def test_a_lora_run_resumes_bit_exactly(tmp_path, data_dir, base):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     epoch = "data.samples_per_epoch=8"  # 2 steps an epoch: the stop falls on an epoch boundary

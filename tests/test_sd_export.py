@@ -179,3 +179,24 @@ def test_export_options_are_checked_before_anything_is_read(tmp_path, ldm_ckpt):
             continue
         assert out.returncode == 1 and out.stderr.startswith("Error: "), (args, out.stderr[-1500:])
         assert message in out.stderr and "Traceback" not in out.stderr, out.stderr[-1500:]
+
+
+def test_what_our_single_file_records_is_read_back_how_it_samples(tmp_path, ldm_ckpt, caplog):
+    """A v-prediction model's single file loads as such (its metadata: the weights cannot show
+    it), and a latent scale unlike SD's (a VAE trained here) is recorded, read back and said."""
+    from sd_lightning.weights.pipeline import load_sd_system, recorded
+    from sd_lightning.weights.read import read_sd_vae
+
+    folder, *_ = pipeline_folder(tmp_path, prediction="v_prediction")
+    single = tmp_path / "v.safetensors"
+    with caplog.at_level("WARNING"):
+        _export(tmp_path, folder, "single_file", single)
+    assert "latent scale" not in caplog.text  # SD's: nothing to say
+    assert load_sd_system(str(single)).prediction == "v_prediction"
+    assert recorded(str(single))["image_size"] == 64  # the folder's U-Net sample size, 8 x 8
+    trained = tmp_path / "trained.safetensors"
+    with caplog.at_level("WARNING"):
+        _export(tmp_path, ldm_ckpt, "single_file", trained)
+    scale = float(torch.load(ldm_ckpt, weights_only=True)["state_dict"]["latent_scale"])
+    assert f"latent scale {scale:.5f}, not SD's 0.18215" in caplog.text
+    assert read_sd_vae(str(trained), "vae_ckpt", "x").latent_scale == pytest.approx(scale)

@@ -197,3 +197,30 @@ def test_bad_pretrained_files_name_the_file_and_the_fix(tmp_path, ldm_ckpt):
         assert "Traceback" not in out.stderr
     assert "from safetensors.torch import save_file" in results[1].stderr  # how to convert it
     assert not any((tmp_path / f"run{i}" / "checkpoints").exists() for i in range(len(cases)))
+
+
+def test_pretrained_v_prediction_weights_fine_tune_with_their_target(tmp_path, data_dir, caplog):
+    """``model.prediction`` (null) follows what the weights record: a folder's scheduler, our
+    single file's metadata; set against the record, it stays and is said."""
+    from sd_lightning.export import export
+
+    folder, *_ = pipeline_folder(tmp_path, SMALL_UNET, SMALL_VAE, 16, prediction="v_prediction")
+    single = tmp_path / "v.safetensors"
+    export(
+        compose_config(
+            ["stage=export", f"ckpt={folder}", "format=single_file", f"output={single}"],
+            tmp_path / "e",
+            data_dir,
+        )
+    )
+    for source in (folder, single):
+        cfg = compose_config([*LDM, f"pretrained={source}"], tmp_path / "run", data_dir)
+        pretrained.configure(cfg)
+        assert cfg.model.prediction == "v_prediction", source
+        assert instantiate(cfg.model).prediction == "v_prediction"
+    cfg = compose_config(
+        [*LDM, f"pretrained={folder}", "model.prediction=epsilon"], tmp_path / "run", data_dir
+    )
+    with caplog.at_level("WARNING"):
+        pretrained.configure(cfg)
+    assert cfg.model.prediction == "epsilon" and "records v_prediction prediction" in caplog.text

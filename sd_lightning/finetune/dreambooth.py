@@ -71,6 +71,7 @@ class DreamBooth:
         self.partial = self.lora is not None  # a LoRA's checkpoints hold the adapters only
         self.rank = self.lora.rank if self.lora else None
         self.alpha = self.lora.alpha if self.lora else None
+        self.readers = self.lora.readers if self.lora else {}
 
     @property
     def prior(self) -> bool:

@@ -42,6 +42,10 @@ class LoRA:
     """
 
     partial = True  # checkpoints hold the adapters, not the base weights
+    readers = {  # the exported files, and the tools each is for
+        "lora": "kohya's names: AUTOMATIC1111, ComfyUI, kohya's scripts, diffusers",
+        "pytorch_lora_weights": "diffusers' names: load_lora_weights, ComfyUI",
+    }
 
     def __init__(
         self,
@@ -121,7 +125,15 @@ class LoRA:
 
         tower = getattr(system, "text_tower", None)
         text = adapter_state(tower.state_dict()) if tower is not None else {}
-        return lora_files(adapter_state(state), net, self.rank, self.alpha, text)
+        return lora_files(
+            adapter_state(state),
+            net,
+            self.rank,
+            self.alpha,
+            text,
+            prediction=system.prediction,
+            image_size=system._image_size(),
+        )
 
 
 def adapter_state(unet: nn.Module) -> dict[str, torch.Tensor]:

@@ -1,20 +1,29 @@
 """LoRA files other tools load, and LoRA files of any of them applied to our U-Net.
 
-Two formats, both safetensors, named by diffusers' module paths (``down_blocks.0.attentions.0.
+Two files, both safetensors, named by diffusers' module paths (``down_blocks.0.attentions.0.
 transformer_blocks.0.attn1.to_q``), which ``layouts.unet_blocks`` maps to ours:
 
-- kohya's, which AUTOMATIC1111, ComfyUI and diffusers' ``load_lora_weights`` read:
-  ``lora_unet_<path with _>.lora_down.weight`` (A), ``.lora_up.weight`` (B), ``.alpha``;
-- diffusers' (peft's names): ``unet.<path>.lora_A.weight`` / ``.lora_B.weight``, with
-  ``alpha / rank`` folded into B (the format keeps no alpha).
+- ``lora.safetensors``, kohya's names, which AUTOMATIC1111, ComfyUI, kohya's scripts and
+  diffusers' ``load_lora_weights`` read: ``lora_unet_<path with _>.lora_down.weight`` (A),
+  ``.lora_up.weight`` (B), ``.alpha``; kohya's metadata (``ss_v2``, ``ss_base_model_version``,
+  ``sd_v2_v`` for v-prediction) and SAI's ``modelspec.*``, by which A1111 files it under SD 1/2;
+- ``pytorch_lora_weights.safetensors``, diffusers' names (``unet.<path>``, ``text_encoder.<path>``),
+  ``alpha / rank`` folded into B (the format keeps no alpha), in the spellings that diffusers'
+  loader and ComfyUI's key map (``comfy/lora.py``: attention only as ``processor.to_q``) both take:
+  attention as diffusers' attention processors wrote it (``attn1.processor.to_q_lora.down.weight``),
+  other layers as diffusers' training scripts do (``.lora.down.weight``), the text encoder in peft's
+  names (``lora_A``).
 
 Applying one (``stage=sample lora=[...]``, ``stage=export lora=[...]``) merges
-``scale * alpha / rank * B A`` into the weights it names: sampling then costs nothing extra.
+``scale * alpha / rank * B A`` into the weights it names, from any spelling :mod:`.lora_keys`
+reads: sampling then costs nothing extra.
 """
 
 from __future__ import annotations
 
+import math
 import os
+import re
 
 import torch
 from torch import nn
@@ -31,7 +40,8 @@ TEXT_PARTS = {  # our text tower's adapted layers -> transformers' CLIP names in
     "mlp.c_fc": "mlp.fc1",
     "mlp.c_proj": "mlp.fc2",
 }
-FAMILY_VERSION = {768: "sd_v1", 1024: "sd_v2"}
+ADAPTER_METADATA = "lora_adapter_metadata"  # diffusers' record of peft's LoraConfig (rank, alpha)
+ATTENTION = re.compile(r"\.(attn[12])\.(to_q|to_k|to_v|to_out\.0)$")
 
 
 def diffusers_names(unet: nn.Module) -> dict[str, str]:
@@ -61,78 +71,81 @@ def text_pairs(adapters: dict[str, torch.Tensor]) -> dict[str, tuple]:
     return out
 
 
+def _diffusers_unet_name(path: str) -> str:
+    """``unet.<path>`` as both diffusers and ComfyUI read it: attention in the processors'
+    spelling (``attn1.processor.to_out_lora``), other layers in the training scripts'."""
+    m = ATTENTION.search(path)
+    if m:
+        module = m.group(2).removesuffix(".0")
+        return f"{DIFFUSERS_UNET}{path[: m.start()]}.{m.group(1)}.processor.{module}_lora"
+    return f"{DIFFUSERS_UNET}{path}.lora"
+
+
+def kohya_metadata(
+    rank: int, alpha: float, context: int, prediction: str, image_size: int
+) -> dict[str, str]:
+    """kohya's ``ss_*`` keys (``train_network.py``: ``ss_v2``, ``ss_base_model_version`` as
+    ``get_model_version_str_for_sd1_sd2`` spells it) and SAI's ``modelspec.*`` of an SD 1/2 LoRA;
+    AUTOMATIC1111 files a LoRA under SD 2 by ``ss_v2 == "True"`` (``network.py``)."""
+    v2, v = context == 1024, prediction == "v_prediction"
+    version = ("sd_v2" if v2 else "sd_v1" if context == 768 else f"context_{context}") + (
+        "_v" if v else ""
+    )
+    architecture = "stable-diffusion-v1"
+    if v2:
+        architecture = "stable-diffusion-v2-768-v" if v else "stable-diffusion-v2-512"
+    return {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(rank),
+        "ss_network_alpha": str(alpha),
+        "ss_v2": str(v2),
+        "ss_base_model_version": version,
+        "ss_training_comment": "sd_lightning",
+        "modelspec.sai_model_spec": "1.0.1",
+        "modelspec.architecture": f"{architecture}/lora",
+        "modelspec.implementation": "diffusers",
+        "modelspec.prediction_type": "v" if v else "epsilon",
+        "modelspec.resolution": f"{image_size}x{image_size}",
+    }
+
+
 def lora_files(
     adapters: dict[str, torch.Tensor],
     unet: nn.Module,
     rank: int,
     alpha: float,
     text: dict[str, torch.Tensor] | None = None,
+    prediction: str = "epsilon",
+    image_size: int = 512,
 ) -> dict[str, tuple[dict[str, torch.Tensor], dict[str, str]]]:
     """``{"lora": kohya's file, "pytorch_lora_weights": diffusers'}``: tensors and metadata,
     from ``adapter_state``'s ``<module>.lora_A`` / ``.lora_B`` of the U-Net (and of the text
     tower: ``text``)."""
     names = diffusers_names(unet)
-    pairs = {}
+    kohya, diff = {}, {}
+
+    def add(kohya_stem: str, diffusers_stem: str, a, b, down: str, up: str) -> None:
+        kohya[kohya_stem + ".lora_down.weight"] = a
+        kohya[kohya_stem + ".lora_up.weight"] = b
+        kohya[kohya_stem + ".alpha"] = torch.tensor(float(alpha))
+        diff[diffusers_stem + down] = a
+        diff[diffusers_stem + up] = b * (alpha / rank)
+
     for key, a in adapters.items():
         if key.endswith(".lora_A"):
             module = key[: -len(".lora_A")]
-            pairs[(KOHYA_UNET, DIFFUSERS_UNET, names[module])] = (a, adapters[module + ".lora_B"])
-    for path, ab in text_pairs(text or {}).items():
-        pairs[(KOHYA_TEXT, DIFFUSERS_TEXT, path)] = ab
-    kohya, diff = {}, {}
-    for (kohya_prefix, diffusers_prefix, path), (a, b) in pairs.items():
-        stem = kohya_prefix + path.replace(".", "_")
-        kohya[stem + ".lora_down.weight"] = a
-        kohya[stem + ".lora_up.weight"] = b
-        kohya[stem + ".alpha"] = torch.tensor(float(alpha))
-        diff[f"{diffusers_prefix}{path}.lora_A.weight"] = a
-        diff[f"{diffusers_prefix}{path}.lora_B.weight"] = b * (alpha / rank)
-    context = unet.config["context_dim"]
-    meta = {
-        "ss_network_module": "networks.lora",
-        "ss_network_dim": str(rank),
-        "ss_network_alpha": str(alpha),
-        "ss_base_model_version": FAMILY_VERSION.get(context, f"context_{context}"),
-        "ss_training_comment": "sd_lightning",
-    }
-    contiguous = {k: v.detach().float().cpu().contiguous() for k, v in kohya.items()}
-    return {
-        "lora": (contiguous, meta),
-        "pytorch_lora_weights": (
-            {k: v.detach().float().cpu().contiguous() for k, v in diff.items()},
-            {"format": "pt"},
-        ),
-    }
+            path, b = names[module], adapters[module + ".lora_B"]
+            stem = _diffusers_unet_name(path)
+            add(KOHYA_UNET + path.replace(".", "_"), stem, a, b, ".down.weight", ".up.weight")
+    for path, (a, b) in text_pairs(text or {}).items():
+        stem = DIFFUSERS_TEXT + path
+        add(KOHYA_TEXT + path.replace(".", "_"), stem, a, b, ".lora_A.weight", ".lora_B.weight")
+    meta = kohya_metadata(rank, alpha, unet.config["context_dim"], prediction, image_size)
 
+    def plain(state):
+        return {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
 
-def _pairs(state: dict[str, torch.Tensor], path: str) -> tuple[dict, dict]:
-    """``({diffusers U-Net module path: (A, B, alpha or None)}, {transformers CLIP text path:
-    (A, B, alpha or None)})`` of a LoRA file in either format."""
-    unet: dict[str, tuple] = {}
-    text: dict[str, tuple] = {}
-    for key, down in state.items():
-        for kohya, diffusers, into in (
-            (KOHYA_UNET, DIFFUSERS_UNET, unet),
-            (KOHYA_TEXT, DIFFUSERS_TEXT, text),
-        ):
-            if key.startswith(kohya) and key.endswith(".lora_down.weight"):
-                stem = key[: -len(".lora_down.weight")]
-                alpha = state.get(stem + ".alpha")
-                name = stem[len(kohya) :]
-                into[name] = (down, state[stem + ".lora_up.weight"], alpha)
-            elif key.startswith(diffusers) and key.endswith(".lora_A.weight"):
-                stem = key[: -len(".lora_A.weight")]
-                into[stem[len(diffusers) :].replace(".", "_")] = (
-                    down,
-                    state[stem + ".lora_B.weight"],
-                    None,
-                )
-    if not unet and not text:
-        raise InputError(
-            f"lora={path!r} has no LoRA weights (neither kohya's lora_unet_/lora_te_*.lora_down "
-            "nor diffusers' unet./text_encoder.*.lora_A keys)"
-        )
-    return unet, text
+    return {"lora": (plain(kohya), meta), "pytorch_lora_weights": (plain(diff), {"format": "pt"})}
 
 
 def _text_weights(tower: nn.Module) -> dict[str, tuple[torch.Tensor, slice | None]]:
@@ -152,38 +165,99 @@ def _text_weights(tower: nn.Module) -> dict[str, tuple[torch.Tensor, slice | Non
     return out
 
 
+def _scales(found, path: str) -> dict[str, float]:
+    """``alpha / rank`` per network from diffusers' ``lora_adapter_metadata`` (peft's
+    LoraConfig per prefix); files without it fold alpha into B (scale 1)."""
+    meta = found.metadata.get(ADAPTER_METADATA)
+    if not isinstance(meta, dict):
+        return {}
+    out = {}
+    for prefix, network in (("unet", "unet"), ("text_encoder", "text")):
+        r, alpha = meta.get(f"{prefix}.r"), meta.get(f"{prefix}.lora_alpha")
+        if meta.get(f"{prefix}.rank_pattern") or meta.get(f"{prefix}.alpha_pattern"):
+            raise InputError(
+                f"lora={path!r}: per-layer ranks or alphas (peft's rank_pattern/alpha_pattern) "
+                "are not read; save the LoRA with one rank and alpha"
+            )
+        if r and alpha is not None:
+            out[network] = float(alpha) / float(r)
+    return out
+
+
+def _targets(unet: nn.Module, tower: nn.Module | None) -> dict[str, tuple]:
+    """Layer names (kohya's ``_`` spelling of diffusers' and of our CompVis paths, and
+    transformers' CLIP paths) -> (weight, rows of it or None)."""
+    modules = dict(unet.named_modules())
+    unet_targets = {}
+    for mine, theirs in diffusers_names(unet).items():
+        weight = (modules[mine].weight, None)
+        unet_targets[theirs.replace(".", "_")] = weight
+        unet_targets[mine.replace(".", "_")] = weight  # the original (CompVis) names
+    return {"unet": unet_targets, "text": _text_weights(tower) if tower is not None else {}}
+
+
 @torch.no_grad()
 def merge_lora(
     unet: nn.Module, path: str, scale: float = 1.0, tower: nn.Module | None = None
 ) -> int:
     """Add ``scale * alpha / rank * B A`` of the LoRA file at ``path`` to ``unet``'s weights (and
     the text ``tower``'s, for a file that adapts the text encoder too); returns how many layers
-    changed. Every adapter must name a layer."""
+    changed. Every tensor must be a LoRA of a layer this model has, finite and of its shape."""
     from sd_lightning.files import read_weight_file
+    from sd_lightning.finetune.lora_keys import read_pairs
 
+    path = os.fspath(path)
+    if not math.isfinite(scale):
+        raise InputError(f"lora_scale={scale} for {path!r}: give a finite number (e.g. 0.8)")
     found = read_weight_file(path, "lora", "a LoRA .safetensors file (kohya's or diffusers')")
     if found.kind != "safetensors":
         raise InputError(f"lora={path!r}: give the .safetensors file of a LoRA")
-    unet_pairs, text_pairs_ = _pairs(found.tensors(), path)
-    ours = {theirs.replace(".", "_"): mine for mine, theirs in diffusers_names(unet).items()}
-    modules = dict(unet.named_modules())
-    targets = {name: (modules[mine].weight, None) for name, mine in ours.items()}
-    if text_pairs_:
-        if tower is None:
-            raise InputError(f"lora={path!r} also adapts the text encoder, which this model lacks")
-        targets.update(_text_weights(tower))
-    pairs = {**unet_pairs, **text_pairs_}
-    missing = [k for k in pairs if k not in targets]
-    if missing:
-        raise InputError(
-            f"lora={os.fspath(path)!r} names {len(missing)} layers this model lacks (another "
-            f"family or size?): {', '.join(sorted(missing)[:3])}"
-        )
-    for name, (a, b, alpha) in pairs.items():
-        weight, rows = targets[name]
-        target = weight if rows is None else weight[rows]
-        rank = a.shape[0]
-        factor = scale * (float(alpha) / rank if alpha is not None else 1.0)
-        delta = (b.flatten(1).float() @ a.flatten(1).float()).reshape(target.shape)
+    pairs = read_pairs(found.tensors(), path)
+    if pairs["text"] and tower is None:
+        raise InputError(f"lora={path!r} also adapts the text encoder, which this model lacks")
+    targets, scales = _targets(unet, tower), _scales(found, path)
+    updates = []
+    for network, layers in pairs.items():
+        missing = [k for k in layers if k not in targets[network]]
+        if missing:
+            raise InputError(
+                f"lora={path!r} names {len(missing)} {network} layers this model lacks (another "
+                f"family or size?): {', '.join(sorted(missing)[:3])}"
+            )
+        for name, parts in layers.items():
+            weight, rows = targets[network][name]
+            target = weight if rows is None else weight[rows]
+            down, up = parts["down"], parts["up"]
+            for part, t in parts.items():
+                if not torch.isfinite(t).all():
+                    raise InputError(
+                        f"lora={path!r}: {name} ({part}) holds NaN or infinite values: the file "
+                        "is damaged or its training diverged"
+                    )
+            _check_shapes(path, network, name, down, up, target)
+            rank = down.shape[0]
+            alpha = parts.get("alpha")
+            factor = float(alpha) / rank if alpha is not None else scales.get(network, 1.0)
+            updates.append((target, down, up, scale * factor))
+    for target, down, up, factor in updates:  # checked first: a bad file changes nothing
+        delta = (up.flatten(1).float() @ down.flatten(1).float()).reshape(target.shape)
         target.add_(delta.to(target) * factor)  # a view of the fused q/k/v rows adds in place
-    return len(pairs)
+    return sum(len(layers) for layers in pairs.values())
+
+
+def _check_shapes(path: str, network: str, name: str, down, up, target) -> None:
+    """``up @ down`` has the target weight's shape, or an error with the likely cause."""
+    rows, cols = target.shape[0], math.prod(target.shape[1:])
+    if up.shape[0] == rows and math.prod(down.shape[1:]) == cols and up.shape[1] == down.shape[0]:
+        return
+    found = (up.shape[0], math.prod(down.shape[1:]))
+    cause = "a LoRA of another family or size"
+    if network == "unet" and 1024 in found and 768 in (rows, cols):
+        cause = "an SD 2 LoRA on an SD 1 model (1024-d text context against 768)"
+    elif network == "unet" and 768 in found and 1024 in (rows, cols):
+        cause = "an SD 1 LoRA on an SD 2 model (768-d text context against 1024)"
+    raise InputError(
+        f"lora={path!r}: {network} layer {name} is {found[0]}x{found[1]} (up {tuple(up.shape)}, "
+        f"down {tuple(down.shape)}) but this model's weight is {rows}x{cols} "
+        f"{tuple(target.shape)}: {cause}"
+    )

@@ -14,12 +14,14 @@ carry no CLIP semantics, and the log says so.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import torch
 from torch import nn
+
+from sd_lightning.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +41,9 @@ class OpenCLIPTextEncoder(nn.Module):
             skip ("clip skip"), or ``"auto"``: what the SD weights were trained with.
         pad: what fills a prompt after its end-of-text token: ``"zero"`` (OpenCLIP, SD 2.x) or
             ``"eot"`` (SD 1.x's tokenizer); ``None``: the SD weights', else zero.
-        quick_gelu: the random tower with CLIP ViT-L/14's activation.
+        quick_gelu: the tower's activation: QuickGELU (CLIP ViT-L/14 as OpenAI trained it, SD 1)
+            or GELU; ``None``: what the OpenCLIP tag records (``openai``: QuickGELU), GELU for
+            a random tower. SD weights say it themselves.
         random_text_cfg: if set (``width``, ``heads``, ``layers``, ``context_length``...), a
             random-initialised ``open_clip`` ``TextTransformer`` of that size instead of ``name``.
         seed: seeds the random tower, so every process and every run builds the same one.
@@ -55,13 +59,14 @@ class OpenCLIPTextEncoder(nn.Module):
         seed: int = 0,
         cache_dir: str | None = None,
         pad: str | None = None,
-        quick_gelu: bool = False,
+        quick_gelu: bool | None = None,
     ):
         super().__init__()
         import open_clip
 
         if pad not in (None, "zero", "eot"):
             raise ValueError(f"text_encoder.pad must be null, 'zero' or 'eot', got {pad!r}")
+        from sd_lightning.weights.openclip import pretrained_tower
         from sd_lightning.weights.text import is_sd_source
 
         sd = pretrained is not None and random_text_cfg is None and is_sd_source(str(pretrained))
@@ -88,7 +93,13 @@ class OpenCLIPTextEncoder(nn.Module):
             pad = pad or found["pad"]
             layer = found["layer"] if layer == "auto" else layer
         else:
-            tower = _create_pretrained(name, pretrained, cache_dir)
+            if pretrained is None:
+                raise InputError(
+                    f"text_encoder.pretrained is null for {name!r}: give an OpenCLIP tag (e.g. "
+                    f"laion2b_s32b_b79k for ViT-H-14) or a local weights file, or use "
+                    f"text_encoder=random_tiny for a random tower (demo and tests only)"
+                )
+            tower = pretrained_tower(name, str(pretrained), cache_dir, quick_gelu)
             self.tokenizer = open_clip.get_tokenizer(name)
         if layer == "auto":
             layer = "penultimate"
@@ -228,6 +239,7 @@ def _sd_tower(path: str) -> tuple[nn.Module, dict[str, Any]]:
     part = read_sd_text(path, "text_encoder.pretrained", SD_HINT)
     cfg = part.config
     act = open_clip.transformer.QuickGELU if cfg["quick_gelu"] else nn.GELU
+    norm = partial(open_clip.transformer.LayerNorm, eps=cfg["layer_norm_eps"])
     tower = open_clip.transformer.TextTransformer(
         context_length=cfg["context_length"],
         vocab_size=cfg["vocab_size"],
@@ -237,39 +249,17 @@ def _sd_tower(path: str) -> tuple[nn.Module, dict[str, Any]]:
         mlp_ratio=cfg["mlp_ratio"],
         output_dim=None,  # SD reads the token states, not the pooled projection
         act_layer=act,
+        norm_layer=norm,
     )
     check_keys(tower, part.state, f"text_encoder.pretrained={path!r}")
     tower.load_state_dict(part.state)
     log.info(
-        "text encoder: %s's %d-layer CLIP text tower from %s", part.family, cfg["layers"], path
+        "text encoder: %s's CLIP text tower from %s (%d layers of %d, %d heads, %s)",
+        part.family,
+        path,
+        cfg["layers"],
+        cfg["width"],
+        cfg["heads"],
+        "quick-GELU" if cfg["quick_gelu"] else "GELU",
     )
     return tower, cfg
-
-
-def _create_pretrained(name: str, pretrained: str | None, cache_dir: str | None) -> nn.Module:
-    import open_clip
-
-    if pretrained is None:
-        raise ValueError(
-            f"text_encoder.pretrained is null for {name!r}: give an OpenCLIP tag (e.g. "
-            f"laion2b_s32b_b79k for ViT-H-14) or a local weights file, or use "
-            f"text_encoder=random_tiny for a random tower (demo and tests only)"
-        )
-    looks_like_file = os.sep in pretrained or pretrained.endswith((".bin", ".pt", ".safetensors"))
-    if looks_like_file and not os.path.isfile(pretrained):
-        raise FileNotFoundError(
-            f"text_encoder.pretrained={pretrained!r}: no such file. Point it at an OpenCLIP "
-            f"weights file (open_clip_pytorch_model.bin or open_clip_model.safetensors of {name})"
-        )
-    try:
-        model = open_clip.create_model(name, pretrained=pretrained, cache_dir=cache_dir)
-    except Exception as e:  # open_clip raises RuntimeError after the hub's retries
-        raise RuntimeError(
-            f"could not load OpenCLIP {name!r} weights {pretrained!r} ({e}). Fixes: download them "
-            f"where there is network (open_clip.create_model({name!r}, pretrained={pretrained!r}) "
-            f"fills the Hugging Face cache; copy it or set text_encoder.cache_dir), or set "
-            f"text_encoder.pretrained=/path/to/open_clip_pytorch_model.bin"
-        ) from e
-    if hasattr(model, "visual"):
-        del model.visual  # SD conditions on text only
-    return model.text if hasattr(model, "text") else model

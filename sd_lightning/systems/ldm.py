@@ -91,7 +91,8 @@ class LatentDiffusionSystem(StepSeededMixin, StageCheckpointMixin):
         optimizer / lr_scheduler: factories (``_partial_: true``); the scheduler steps per
             optimizer step.
         schedule: keyword arguments of :func:`make_alphas_cumprod`.
-        prediction: ``epsilon`` (SD 1.x, SD 2 base) or ``v_prediction`` (SD 2 768-v).
+        prediction: ``epsilon`` (SD 1.x, SD 2 base) or ``v_prediction`` (SD 2 768-v); ``None``:
+            epsilon.
         latent_scale: multiplies latents (SD's VAE: 0.18215); ``None`` estimates ``1 / std`` from
             the first batch, over all ranks (``scale_by_std``). Saved in checkpoints either way.
         sample_posterior: train on samples of q(z|x) (SD) rather than its mean.
@@ -127,7 +128,7 @@ class LatentDiffusionSystem(StepSeededMixin, StageCheckpointMixin):
         optimizer: OptimizerFactory,
         lr_scheduler: SchedulerFactory | None = None,
         schedule: dict[str, Any] | None = None,
-        prediction: str = "epsilon",
+        prediction: str | None = "epsilon",
         latent_scale: float | None = None,
         sample_posterior: bool = True,
         ema_decay: float | None = 0.9999,
@@ -145,6 +146,7 @@ class LatentDiffusionSystem(StepSeededMixin, StageCheckpointMixin):
         offload_text_encoder: bool = False,
     ):
         super().__init__()
+        prediction = prediction or "epsilon"  # null: pretrained= resolves it before, else this
         if prediction not in ("epsilon", "v_prediction"):
             raise InputError(
                 f"model.prediction must be 'epsilon' or 'v_prediction', got {prediction!r}"
@@ -351,6 +353,14 @@ class LatentDiffusionSystem(StepSeededMixin, StageCheckpointMixin):
         ``data=latents`` when present (the encoder then runs only for the empty caption)."""
         if "text_states" not in batch or self.embeddings is not None:
             return self.encode_text(captions)
+        if hasattr(self, "text_tower"):  # its adapters train: stored states would starve them
+            if not getattr(self, "_said_states", False):
+                log.info(
+                    "data=latents: the stored text_states are not used, the text encoder trains "
+                    "(finetune.text_encoder=true): captions are encoded in every step"
+                )
+                self._said_states = True
+            return self.encode_text(captions)
         context = batch["text_states"].float().clone()
         dropped = [i for i, c in enumerate(captions) if c == "" and batch["caption"][i] != ""]
         if dropped:
@@ -504,7 +514,8 @@ class LatentDiffusionSystem(StepSeededMixin, StageCheckpointMixin):
         size = image_size or self._image_size()
         factor = self.vae.downsample_factor
         shape = (self.unet.config["in_channels"], size // factor, size // factor)
-        was_training = self.unet.training
+        was_training = self.training
+        self.eval()  # dropout off (DreamBooth's class images come before the first step)
         try:
             return generate(
                 unet=self.sampling_net,
@@ -519,7 +530,7 @@ class LatentDiffusionSystem(StepSeededMixin, StageCheckpointMixin):
                 **sampler,
             )
         finally:
-            self.unet.train(was_training)
+            self.train(was_training)
 
     def _image_size(self) -> int:
         """The size the U-Net trains (or trained) at: the data's, from the run's config after

@@ -18,6 +18,11 @@ FAMILIES = {
 LATENT_SCALE = 0.18215  # SD 1.x and 2.x's VAE (scale_factor in their configs)
 
 
+def family_of(context_dim: int) -> str | None:
+    """``sd1``, ``sd2`` or ``None``: the family of a U-Net's text context width."""
+    return next((f for f, v in FAMILIES.items() if v["context_dim"] == context_dim), None)
+
+
 def unet_config_from_diffusers(d: dict[str, Any], where: str) -> dict[str, Any]:
     """Our ``UNetModel`` arguments from a diffusers ``UNet2DConditionModel`` config."""
     sdxl = [k for k in ("addition_embed_type", "class_embed_type") if d.get(k)]
@@ -89,7 +94,7 @@ def unet_config_from_weights(state: dict[str, Any], where: str) -> tuple[str, di
             f"{where} has no SD U-Net (no input_blocks.0.0 or cross-attention)"
         ) from None
     context = state[attn].shape[1]
-    family = next((f for f, v in FAMILIES.items() if v["context_dim"] == context), None)
+    family = family_of(context)
     if family is None:
         raise InputError(
             f"{where} is a U-Net with {context}-d text context: SD 1.x has 768, SD 2.x 1024 "

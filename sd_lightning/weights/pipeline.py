@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from sd_lightning.errors import InputError
+from sd_lightning.files import read_weight_file
 from sd_lightning.weights.read import build, read_sd_unet, read_sd_vae
 
 SD_HINT = (
@@ -48,12 +49,35 @@ def _scheduler_config(path: str) -> dict[str, Any]:
         return json.load(f)
 
 
+def recorded(path: str) -> dict[str, Any]:
+    """What SD weights record of how they sample, where they do: a diffusers folder's scheduler
+    (``prediction``, ``schedule``), our single files' metadata (those, ``image_size``). Keys
+    absent where nothing is recorded (another tool's single file: SD's conventions apply)."""
+    if os.path.isdir(path):
+        scheduler = _scheduler_config(path)
+        out: dict[str, Any] = {"schedule": sd_schedule(scheduler)} if scheduler else {}
+        if "prediction_type" in scheduler:
+            out["prediction"] = scheduler["prediction_type"]
+        return out
+    meta = read_weight_file(path, "ckpt", SD_HINT).metadata
+    out = {}
+    if meta.get("prediction_type"):
+        out["prediction"] = meta["prediction_type"]
+    if isinstance(meta.get("sd_lightning_schedule"), dict):
+        out["schedule"] = {**SD_SCHEDULE, **meta["sd_lightning_schedule"]}
+    if meta.get("sd_lightning_image_size"):
+        out["image_size"] = int(meta["sd_lightning_image_size"])
+    return out
+
+
 def sd_schedule(scheduler: dict[str, Any]) -> dict[str, Any]:
     """Our ``model.schedule`` from a diffusers scheduler config (SD's when absent)."""
     beta = scheduler.get("beta_schedule", SD_SCHEDULE["beta_schedule"])
-    if beta not in ("scaled_linear", "linear"):
+    beta = {"squaredcos_cap_v2": "cosine"}.get(beta, beta)  # diffusers' name of the cosine one
+    if beta not in ("scaled_linear", "linear", "cosine"):
         raise InputError(
-            f"the scheduler's beta_schedule={beta!r} is not read (scaled_linear, linear)"
+            f"the scheduler's beta_schedule={beta!r} is not read (scaled_linear, linear, "
+            "squaredcos_cap_v2)"
         )
     return {
         **SD_SCHEDULE,
@@ -81,8 +105,8 @@ def load_sd_system(
     where = f"{option}={path!r}"
     unet_part = read_sd_unet(path, option, SD_HINT, use_ema=use_ema)
     vae_part = read_sd_vae(path, option, SD_HINT)
-    scheduler = _scheduler_config(path) if os.path.isdir(path) else {}
-    prediction = prediction or scheduler.get("prediction_type") or "epsilon"
+    record = recorded(path)
+    prediction = prediction or record.get("prediction") or "epsilon"
     if prediction not in PREDICTIONS:
         raise InputError(f"prediction={prediction!r}: choose epsilon or v_prediction")
     unet = build(UNetModel, unet_part, f"{where} (U-Net)")
@@ -95,7 +119,7 @@ def load_sd_system(
             f"{where}: the text encoder's {text.width}-d states do not fit the U-Net's "
             f"{unet.config['context_dim']}-d context"
         )
-    schedule = sd_schedule(scheduler)
+    schedule = record.get("schedule") or dict(SD_SCHEDULE)
     system = LatentDiffusionSystem(
         unet=unet,
         vae=vae,
@@ -106,7 +130,9 @@ def load_sd_system(
         latent_scale=vae_part.latent_scale,
         ema_decay=None,
     )
-    if unet_part.sample_size:  # a diffusers folder says its size (in latents)
+    if record.get("image_size"):  # our single files say it
+        size = record["image_size"]
+    elif unet_part.sample_size:  # a diffusers folder says its size (in latents)
         size = unet_part.sample_size * vae.downsample_factor
     else:  # SD 2's v-prediction models were trained at 768 px, the rest at 512
         size = 768 if unet_part.family == "sd2" and prediction == "v_prediction" else 512

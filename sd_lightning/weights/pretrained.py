@@ -23,6 +23,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from sd_lightning.errors import InputError
+from sd_lightning.weights.pipeline import recorded
 from sd_lightning.weights.read import check_keys, read_sd_unet, read_sd_unet_ema, read_sd_vae
 from sd_lightning.weights.text import has_sd_text
 
@@ -60,6 +61,7 @@ def configure(cfg: DictConfig) -> None:
 
 def _configure_ldm(cfg: DictConfig, path: str) -> None:
     part = read_sd_unet(path, "pretrained", HINT, meta=True)
+    _configure_sampling(cfg, path)
     runtime = {k: cfg.unet[k] for k in UNET_RUNTIME if k in cfg.unet}
     cfg.unet = OmegaConf.create({"_target_": "sd_lightning.models.UNetModel", **part.config})
     cfg.unet.update(runtime)
@@ -84,6 +86,41 @@ def _configure_ldm(cfg: DictConfig, path: str) -> None:
         cfg.vae_ckpt,
         text_from,
     )
+
+
+def _configure_sampling(cfg: DictConfig, path: str) -> None:
+    """``model.prediction`` (``null``) from what the weights record (a folder's scheduler, our
+    files' metadata; else epsilon); a schedule or prediction set apart from the record is
+    kept, and said."""
+    record = recorded(path)
+    found = record.get("prediction")
+    if cfg.model.get("prediction") is None:
+        cfg.model.prediction = found or "epsilon"
+        log.info(
+            "pretrained: %s prediction, %s",
+            cfg.model.prediction,
+            f"as {path} records" if found else "SD's convention (the weights record none)",
+        )
+    elif found and found != cfg.model.prediction:
+        log.warning(
+            "pretrained: %s records %s prediction, model.prediction=%s trains the other target "
+            "(drop the option to follow the weights)",
+            path,
+            found,
+            cfg.model.prediction,
+        )
+    schedule = record.get("schedule")
+    if schedule:
+        ours = OmegaConf.to_container(cfg.model.schedule, resolve=True)
+        differ = {k: (ours.get(k), v) for k, v in schedule.items() if ours.get(k) != v}
+        if differ:
+            log.warning(
+                "pretrained: %s was trained with %s; model.schedule has %s: set "
+                "model.schedule.<name>= to match",
+                path,
+                ", ".join(f"{k}={v[1]}" for k, v in differ.items()),
+                ", ".join(f"{k}={v[0]}" for k, v in differ.items()),
+            )
 
 
 def _configure_vae(cfg: DictConfig, path: str) -> None:

@@ -24,6 +24,8 @@ from sd_lightning.weights import configs, layouts
 
 PREFIX = layouts.ORIGINAL_PREFIX
 EMA_PREFIX = "model_ema."
+UNET_META = "sd_lightning_unet"  # our single files: the U-Net's config (its heads)
+VAE_META = "sd_lightning_vae"  # and the VAE's (its norm groups)
 WEIGHT_NAMES = ("diffusion_pytorch_model", "model")  # diffusers' and transformers' file stems
 
 
@@ -94,10 +96,7 @@ def _diffusers_part(folder: str, kind: str, option: str, expected: str, meta: bo
     if kind == "unet":
         config = configs.unet_config_from_diffusers(d, where)
         blocks = layouts.unet_blocks(config)
-        family = next(
-            (f for f, v in configs.FAMILIES.items() if v["context_dim"] == config["context_dim"]),
-            None,
-        )
+        family = configs.family_of(config["context_dim"])
     else:
         config, family = configs.vae_config_from_diffusers(d), None
         blocks = layouts.vae_blocks(config)
@@ -162,7 +161,12 @@ def read_sd_unet(
                 "tensors (an -emaonly or pruned file keeps only one copy): leave the EMA option off"
             )
         unet = ema
-    family, config = configs.unet_config_from_weights(unet, f"{option}={path!r}")
+    recorded = read_weight_file(path, option, expected).metadata.get(UNET_META)
+    if isinstance(recorded, dict):  # our single files say their heads (the weights do not)
+        config = dict(recorded)
+        family = configs.family_of(config["context_dim"])
+    else:
+        family, config = configs.unet_config_from_weights(unet, f"{option}={path!r}")
     return Part(config, unet, family, path)
 
 
@@ -200,8 +204,13 @@ def read_sd_vae(path: str, option: str, expected: str, meta: bool = False) -> Pa
         raise InputError(
             f"{where} is a diffusers-named VAE file: give its folder (with config.json)"
         )
-    config = {**configs.vae_config_from_weights(vae, where), "scaling_factor": configs.LATENT_SCALE}
-    return Part(config, vae, None, path, configs.LATENT_SCALE)
+    # our exports record their scale (a VAE trained here has its own); SD's files do not
+    meta = read_weight_file(path, option, expected).metadata
+    scale = float(meta.get("sd_lightning_latent_scale", configs.LATENT_SCALE))
+    recorded = meta.get(VAE_META)  # our single files: its norm groups (the weights do not say)
+    config = dict(recorded) if isinstance(recorded, dict) else {}
+    config = {**configs.vae_config_from_weights(vae, where), **config, "scaling_factor": scale}
+    return Part(config, vae, None, path, scale)
 
 
 def build(cls: type, part: Part, where: str) -> torch.nn.Module:

@@ -12,63 +12,137 @@ from typing import Any
 import torch
 
 from sd_lightning.errors import InputError
+from sd_lightning.files import read_weight_file
 from sd_lightning.weights.clip import openclip_from_hf
-from sd_lightning.weights.read import Part, _component_weights, _tensors, _under
+from sd_lightning.weights.read import Part, _component_weights, _under
 
 SD1_PREFIX = "cond_stage_model.transformer."
 SD2_PREFIX = "cond_stage_model.model."
 _OPENCLIP_TEXT = ("token_embedding.", "positional_embedding", "transformer.", "ln_final.")
 
 
-def tower_config(state: dict[str, torch.Tensor], quick_gelu: bool, layer: str) -> dict[str, Any]:
-    """The ``TextTransformer`` size of OpenCLIP-named text weights (64-wide heads, as in every
-    CLIP text tower SD uses), the activation, the padding and the layer SD reads."""
+ACTIVATIONS = ("quick_gelu", "gelu")  # transformers' hidden_act values a CLIP tower runs
+TEXT_META = "sd_lightning_text_encoder"  # our single files: what the tensors do not show
+
+
+def tower_config(
+    state: dict[str, torch.Tensor],
+    heads: int | None,
+    activation: str,
+    pad: str,
+    layer: int,
+    layer_norm_eps: float = 1e-5,
+) -> dict[str, Any]:
+    """The ``TextTransformer`` size of OpenCLIP-named text weights with what they do not show:
+    the heads (``None``: 64 wide, as in every CLIP text tower SD releases use), the activation,
+    the padding, and ``layer``, the final blocks SD skips."""
     width = state["token_embedding.weight"].shape[1]
     layers = {k.split(".")[2] for k in state if k.startswith("transformer.resblocks.")}
+    heads = heads or width // 64
+    if activation not in ACTIVATIONS or not heads or width % heads:
+        raise InputError(
+            f"a text encoder of width {width} with {heads} heads and {activation!r} is not a CLIP "
+            "text tower we run (quick_gelu or gelu, heads dividing the width)"
+        )
     return {
         "context_length": state["positional_embedding"].shape[0],
         "vocab_size": state["token_embedding.weight"].shape[0],
         "width": width,
-        "heads": width // 64,
+        "heads": heads,
         "layers": len(layers),
         "mlp_ratio": state["transformer.resblocks.0.mlp.c_fc.weight"].shape[0] / width,
-        "quick_gelu": quick_gelu,
-        "pad": "eot" if quick_gelu else "zero",  # SD 1's tokenizer pads with end-of-text
+        "quick_gelu": activation == "quick_gelu",
+        "layer_norm_eps": float(layer_norm_eps),
+        "pad": pad,
         "layer": layer,
     }
 
 
+def _folder_pad(folder: str) -> str | None:
+    """``eot`` or ``zero``: what a diffusers pipeline's ``tokenizer/`` pads with (SD 1:
+    ``<|endoftext|>``, SD 2: ``!``, id 0); ``None`` without one."""
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            with open(path) as f:
+                pad = json.load(f).get("pad_token")
+            pad = pad.get("content") if isinstance(pad, dict) else pad
+            if pad is not None:
+                return "eot" if pad == "<|endoftext|>" else "zero" if pad == "!" else pad
+    return None
+
+
+def _read_folder(path: str, option: str, expected: str) -> Part:
+    """A diffusers pipeline's (or a bare) ``text_encoder/`` folder: every size its config.json
+    records, the padding its ``tokenizer/`` records."""
+    where = f"{option}={path!r}"
+    sub = os.path.join(path, "text_encoder")
+    folder = sub if os.path.isdir(sub) else path
+    config_path = os.path.join(folder, "config.json")
+    if not os.path.isfile(config_path):
+        raise InputError(f"{where} has no text_encoder/config.json: give {expected}")
+    with open(config_path) as f:
+        hf = json.load(f)
+    hf = hf.get("text_config", hf)  # a whole CLIPModel's config holds the text part
+    state = openclip_from_hf(_component_weights(folder, option, expected), where)
+    activation = hf.get("hidden_act", "quick_gelu")  # transformers' CLIPTextConfig default
+    pad = _folder_pad(os.path.join(os.path.dirname(folder), "tokenizer")) if folder == sub else None
+    if pad not in (None, "eot", "zero"):
+        raise InputError(f"{where}: the tokenizer pads with {pad!r}, not <|endoftext|> or '!'")
+    config = tower_config(
+        state,
+        hf.get("num_attention_heads"),
+        activation,
+        pad or ("eot" if activation == "quick_gelu" else "zero"),
+        0,  # diffusers' SD 2 text_encoder/ already ends at the penultimate layer
+        hf.get("layer_norm_eps", 1e-5),
+    )
+    recorded = {
+        "num_hidden_layers": config["layers"],
+        "hidden_size": config["width"],
+        "max_position_embeddings": config["context_length"],
+        "vocab_size": config["vocab_size"],
+        "intermediate_size": int(config["mlp_ratio"] * config["width"]),
+    }
+    wrong = {k: (hf[k], v) for k, v in recorded.items() if k in hf and hf[k] != v}
+    if wrong:
+        k, (said, found) = next(iter(wrong.items()))
+        raise InputError(f"{where}: config.json says {k}={said} but the weights hold {found}")
+    return Part(config, state, "sd1" if activation == "quick_gelu" else "sd2", path)
+
+
 def read_sd_text(path: str, option: str, expected: str) -> Part:
     """The text encoder of a single file or a diffusers pipeline / ``text_encoder/`` folder:
-    ``config`` is :func:`tower_config`'s, ``state`` OpenCLIP-named."""
+    ``config`` is :func:`tower_config`'s, ``state`` OpenCLIP-named. A single file's sizes come
+    from our metadata where it has it (our exports), else SD's conventions: 64-wide heads, SD 1's
+    CLIP at its last layer, SD 2's OpenCLIP at its penultimate."""
     where = f"{option}={path!r}"
     if os.path.isdir(path):
-        sub = os.path.join(path, "text_encoder")
-        folder = sub if os.path.isdir(sub) else path
-        config_path = os.path.join(folder, "config.json")
-        if not os.path.isfile(config_path):
-            raise InputError(f"{where} has no text_encoder/config.json: give {expected}")
-        with open(config_path) as f:
-            hf = json.load(f)
-        state = openclip_from_hf(_component_weights(folder, option, expected), where)
-        quick = hf.get("hidden_act") == "quick_gelu"
-        family = "sd1" if quick else "sd2"
-        layer = "last"  # diffusers' SD 2 text_encoder/ already ends at the penultimate layer
+        return _read_folder(path, option, expected)
+    found = read_weight_file(path, option, expected, mmap=True)
+    raw = found.lazy_tensors()
+    meta = found.metadata.get(TEXT_META) or {}
+    if any(k.startswith(SD1_PREFIX) for k in raw):
+        state = openclip_from_hf(_under(raw, SD1_PREFIX), where)
+        family, activation, pad, layer = "sd1", "quick_gelu", "eot", 0
+    elif any(k.startswith(SD2_PREFIX) for k in raw):
+        text = [k for k in raw if k.startswith(tuple(SD2_PREFIX + t for t in _OPENCLIP_TEXT))]
+        state = {k[len(SD2_PREFIX) :]: raw[k] for k in text}
+        family, activation, pad, layer = "sd2", "gelu", "zero", 1
     else:
-        raw = _tensors(path, option, expected)
-        if any(k.startswith(SD1_PREFIX) for k in raw):
-            hf = _under(raw, SD1_PREFIX)
-            state, quick, family, layer = openclip_from_hf(hf, where), True, "sd1", "last"
-        elif any(k.startswith(SD2_PREFIX) for k in raw):
-            text = [k for k in raw if k.startswith(tuple(SD2_PREFIX + t for t in _OPENCLIP_TEXT))]
-            state = {k[len(SD2_PREFIX) :]: raw[k] for k in text}
-            quick, family, layer = False, "sd2", "penultimate"
-        else:
-            raise InputError(
-                f"{where} holds no SD text encoder (no {SD1_PREFIX}* or {SD2_PREFIX}* keys): "
-                f"give {expected}, or choose one with text_encoder=..."
-            )
-    return Part(tower_config(state, quick, layer), state, family, path)
+        raise InputError(
+            f"{where} holds no SD text encoder (no {SD1_PREFIX}* or {SD2_PREFIX}* keys): "
+            f"give {expected}, or choose one with text_encoder=..."
+        )
+    config = tower_config(
+        state,
+        meta.get("heads"),
+        meta.get("activation", activation),
+        meta.get("pad", pad),
+        int(meta.get("layer", layer)),
+        meta.get("layer_norm_eps", 1e-5),
+    )
+    return Part(config, state, family, path)
 
 
 def is_sd_source(path: str) -> bool:

@@ -21,7 +21,10 @@ from safetensors.torch import save_file
 
 from sd_lightning.weights import configs, layouts
 from sd_lightning.weights.clip import hf_from_openclip
+from sd_lightning.weights.openclip import activation
 from sd_lightning.weights.pipeline import SD_SCHEDULER
+from sd_lightning.weights.read import UNET_META, VAE_META
+from sd_lightning.weights.text import TEXT_META
 from sd_lightning.weights.tokenizer import write_clip_tokenizer
 
 DIFFUSERS_VERSION = "0.30.0"  # the format written (read by every diffusers since)
@@ -45,14 +48,26 @@ class Release:
 
 
 def text_layout(encoder: torch.nn.Module | None) -> str | None:
-    """``"sd1"`` (CLIP: quick-GELU, end-of-text padding), ``"sd2"`` (OpenCLIP), or ``None``
-    for a random tower, which is no release's."""
+    """``"sd1"`` (transformers' CLIP names under ``cond_stage_model.transformer.``: SD 1's
+    quick-GELU CLIP, and any 768-wide tower, which tools load for a 768-context model by those
+    names), ``"sd2"`` (OpenCLIP's names), or ``None`` for a random tower, which is no release's."""
     if encoder is None or getattr(encoder, "random", False):
         return None
-    from open_clip.transformer import QuickGELU
+    quick = activation(encoder.tower) == "quick_gelu"
+    return "sd1" if quick or encoder.tower.transformer.width == 768 else "sd2"
 
-    mlp = encoder.tower.transformer.resblocks[0].mlp
-    return "sd1" if isinstance(getattr(mlp, "gelu", None), QuickGELU) else "sd2"
+
+def text_record(encoder: torch.nn.Module, layer: int) -> dict[str, Any]:
+    """What a single file's tensors do not show of its text encoder (our metadata): heads,
+    activation, padding, layer norm, and ``layer``, the file's final blocks to skip."""
+    tower = encoder.tower
+    return {
+        "heads": tower.transformer.resblocks[0].attn.num_heads,
+        "activation": activation(tower),
+        "pad": "eot" if encoder.pad_eot else "zero",
+        "layer_norm_eps": tower.ln_final.eps,
+        "layer": layer,
+    }
 
 
 def _cast(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -75,27 +90,65 @@ def _tower_state(release: Release, layers: int | None = None) -> dict[str, torch
     }
 
 
-def single_file_state(release: Release) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """The tensors of an original single file, and what it lacks."""
+def _identity_block(state: dict[str, torch.Tensor], index: int) -> dict[str, torch.Tensor]:
+    """Block ``index`` as zeros: a pre-norm residual block whose projections are zero adds
+    nothing, so the penultimate layer of the file is the last one of ``state``."""
+    first = "transformer.resblocks.0."
+    return {
+        f"transformer.resblocks.{index}.{k[len(first) :]}": torch.zeros_like(v)
+        for k, v in state.items()
+        if k.startswith(first)
+    }
+
+
+def single_file_state(
+    release: Release,
+) -> tuple[dict[str, torch.Tensor], list[str], dict[str, Any] | None]:
+    """The tensors of an original single file, what it lacks, and what its text encoder's
+    tensors do not show (:func:`text_record`)."""
     state = {
         **layouts.to_original(release.unet.state_dict(), "unet"),
         **layouts.to_original(release.vae.state_dict(), "vae"),
     }
     layout = text_layout(release.text)
+    if layout is None:
+        return state, ["text encoder"], None
+    tower = _tower_state(release)
+    skip = release.text.skip
     if layout == "sd1":
-        text = hf_from_openclip(_tower_state(release))
-        state.update({SD1_TEXT + k: v for k, v in text.items()})
-    elif layout == "sd2":
-        state.update({SD2_TEXT + k: v for k, v in _tower_state(release).items()})
-    return state, [] if layout else ["text encoder"]
+        state.update({SD1_TEXT + k: v for k, v in hf_from_openclip(tower).items()})
+    else:
+        # SD 2 files hold 24 blocks and are read at the penultimate: a tower that runs all its
+        # blocks (diffusers' SD 2 folders keep 23) gets a 24th that changes nothing
+        if skip == 0:
+            blocks = len(release.text.tower.transformer.resblocks)
+            tower = {**tower, **_identity_block(tower, blocks)}
+            skip = 1
+        state.update({SD2_TEXT + k: v for k, v in tower.items()})
+    return state, [], text_record(release.text, skip)
+
+
+def file_metadata(release: Release, text: dict[str, Any] | None) -> dict[str, str]:
+    """Our single file's metadata: how it samples and what its tensors do not show."""
+    meta = {
+        "format": "pt",
+        "prediction_type": release.prediction,
+        "sd_lightning_schedule": json.dumps(release.schedule),
+        "sd_lightning_latent_scale": repr(float(release.latent_scale)),
+        "sd_lightning_image_size": str(release.image_size),
+        UNET_META: json.dumps(release.unet.config),
+        VAE_META: json.dumps(release.vae.config),
+    }
+    if text is not None:
+        meta[TEXT_META] = json.dumps(text)
+    return meta
 
 
 def write_single_file(release: Release, path: str, dtype: torch.dtype) -> list[str]:
     """Write ``release`` as one original-layout safetensors file; returns what is missing."""
-    state, missing = single_file_state(release)
-    meta = {"format": "pt", "prediction_type": release.prediction}
+    state, missing, text = single_file_state(release)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    save_file(_cast(state, dtype), path, metadata=meta)
+    save_file(_cast(state, dtype), path, metadata=file_metadata(release, text))
     return missing
 
 
@@ -124,12 +177,12 @@ def _text_config(release: Release, layers: int, layout: str, dtype: torch.dtype)
         "num_hidden_layers": layers,
         "max_position_embeddings": tower.positional_embedding.shape[0],
         "vocab_size": tower.token_embedding.num_embeddings,
-        "hidden_act": "quick_gelu" if layout == "sd1" else "gelu",
-        "layer_norm_eps": 1e-5,
+        "hidden_act": activation(tower),
+        "layer_norm_eps": tower.ln_final.eps,
         "projection_dim": width,
         "bos_token_id": 49406,
         "eos_token_id": 49407,
-        "pad_token_id": 49407 if layout == "sd1" else 0,
+        "pad_token_id": 49407 if release.text.pad_eot else 0,
         "torch_dtype": str(dtype).removeprefix("torch."),
     }
 

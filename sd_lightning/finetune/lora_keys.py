@@ -1,0 +1,121 @@
+"""The names LoRA files give their tensors, in every spelling the tools people use write, reduced
+to one: ``(network, layer, part)``, the layer with ``_`` for ``.`` as kohya writes it.
+
+Spellings read (the tools that write them; ComfyUI's ``comfy/lora.py`` and
+``comfy/weight_adapter/lora.py`` read the same set):
+
+- kohya's ``lora_unet_<path>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``, the path in
+  diffusers' module names (kohya's SD 1/2 files) or the original CompVis ones (SGM's, ComfyUI's
+  own and some converters'); ``lora_te_text_model_encoder_layers_<i>_...`` for the text encoder;
+- peft's ``unet.<path>.lora_A.weight`` / ``.lora_B.weight`` (diffusers' ``save_lora_weights`` of
+  a peft state), ``text_encoder.<path>.lora_A.weight``;
+- diffusers' training scripts (``convert_state_dict_to_diffusers``): ``unet.<path>.lora.down.weight``
+  and ``text_encoder.<path>.q_proj.lora_linear_layer.down.weight``;
+- diffusers' attention processors: ``unet.<path>.attn1.processor.to_q_lora.down.weight``,
+  ``...processor.to_out_lora...`` (``to_out.0``), with or without the ``unet.`` prefix.
+
+Text paths with or without transformers' ``text_model.`` level (transformers 5 drops it).
+"""
+
+from __future__ import annotations
+
+import re
+
+from sd_lightning.errors import InputError
+
+# suffix -> part, longest first so ".lora.down.weight" is not read as ".down.weight"
+SUFFIXES = {
+    ".lora_linear_layer.down.weight": "down",
+    ".lora_linear_layer.up.weight": "up",
+    ".lora_down.weight": "down",
+    ".lora_up.weight": "up",
+    ".lora.down.weight": "down",
+    ".lora.up.weight": "up",
+    "_lora.down.weight": "down",
+    "_lora.up.weight": "up",
+    ".lora_A.weight": "down",
+    ".lora_B.weight": "up",
+    ".alpha": "alpha",
+}
+UNET_PATHS = ("down_blocks.", "mid_block.", "up_blocks.", "conv_in", "conv_out", "time_embedding.")
+UNET_PATHS += ("input_blocks.", "middle_block.", "output_blocks.")
+# tensors of other adapter kinds (patterns on the name), which a merge of B A would drop
+NOT_LORA = {
+    r"\.dora_scale$": "DoRA (weight-decomposed LoRA)",
+    r"\.lora_mid\.weight$": "LoCon's CP decomposition (lora_mid)",
+    r"\.hada_": "LyCORIS LoHa",
+    r"\.lokr_": "LyCORIS LoKr",
+    r"\.oft_": "OFT",
+    r"\.diff(_b)?$": "a full weight difference (diff)",
+}
+SDXL_TEXT = ("lora_te1_", "lora_te2_", "text_encoder_2.")
+
+
+def split(key: str) -> tuple[str, str]:
+    """``(stem, part)`` of a LoRA tensor name; ``part`` is ``""`` for no LoRA spelling."""
+    for suffix, part in SUFFIXES.items():
+        if key.endswith(suffix):
+            return key[: -len(suffix)], part
+    return key, ""
+
+
+def _dotted(stem: str) -> str:
+    """A diffusers module path as old attention processors wrote it, as a module path."""
+    stem = stem.replace(".processor.", ".")
+    return stem + ".0" if stem.endswith(".to_out") else stem
+
+
+def network_of(stem: str) -> tuple[str, str] | None:
+    """``("unet" | "text", layer with _ for .)`` of a stem, or ``None`` when no prefix fits."""
+    if stem.startswith("lora_unet_"):
+        return "unet", stem[len("lora_unet_") :]
+    if stem.startswith("lora_te_"):
+        return "text", stem[len("lora_te_") :]
+    if stem.startswith("text_encoder."):
+        path = stem[len("text_encoder.") :]
+        path = path if path.startswith("text_model.") else "text_model." + path
+        return "text", path.replace(".", "_")
+    path = stem.removeprefix("unet.")
+    if path != stem or path.startswith(UNET_PATHS):
+        return "unet", _dotted(path).replace(".", "_")
+    return None
+
+
+def read_pairs(state: dict, path: str) -> dict[str, dict[str, dict]]:
+    """``{"unet": {layer: {"down", "up", "alpha"?}}, "text": {...}}`` of a LoRA file's tensors;
+    anything that is not a LoRA of SD 1/2's U-Net or text encoder is an error naming it."""
+    where = f"lora={path!r}"
+    sdxl = [k for k in state if k.startswith(SDXL_TEXT)]
+    if sdxl:
+        raise InputError(
+            f"{where} adapts SDXL's two text encoders ({sdxl[0]}): an SDXL LoRA, which needs an "
+            "SDXL base (not read yet), not SD 1/2"
+        )
+    out: dict[str, dict[str, dict]] = {"unet": {}, "text": {}}
+    for key, tensor in state.items():
+        stem, part = split(key)
+        other = next((what for mark, what in NOT_LORA.items() if re.search(mark, key)), None)
+        if other is not None:
+            raise InputError(
+                f"{where} holds {other} tensors ({key}), which are not applied: only plain LoRA "
+                "(down/up and alpha) is read"
+            )
+        found = network_of(stem) if part else None
+        if found is None:
+            raise InputError(
+                f"{where}: {key} is no LoRA tensor of an SD 1/2 U-Net or text encoder (kohya's "
+                "lora_unet_/lora_te_ names, or diffusers' unet./text_encoder. ones)"
+            )
+        network, layer = found
+        out[network].setdefault(layer, {})[part] = tensor
+    for network, layers in out.items():
+        for layer, parts in layers.items():
+            lacking = [p for p in ("down", "up") if p not in parts]
+            if lacking:
+                raise InputError(
+                    f"{where}: the {network} layer {layer} has no {lacking[0]} matrix (a "
+                    "damaged or partly written file?)"
+                )
+    if not out["unet"] and not out["text"]:
+        raise InputError(f"{where} has no LoRA weights")
+    return out
