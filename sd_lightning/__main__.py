@@ -27,6 +27,7 @@ from hydra.utils import get_method
 from omegaconf import DictConfig
 
 import sd_lightning  # noqa: F401 - registers the config resolvers
+from sd_lightning import stopping
 from sd_lightning.console import tidy_console
 from sd_lightning.errors import InputError
 
@@ -59,6 +60,9 @@ def _hydra_main(cfg: DictConfig) -> float | None:
             get_method(cfg.preflight)(cfg)
         tidy_console()
         metrics = get_method(cfg.entry)(cfg)
+    except stopping.Stopped as stop:
+        stopped(stop)
+        raise SystemExit(stop.status) from None
     except Exception as exn:
         cause = input_error(exn)
         if cause is None:
@@ -85,6 +89,20 @@ def report(exn: InputError) -> None:
     for handler in logging.getLogger().handlers:
         if isinstance(handler, logging.FileHandler):
             handler.handle(record)
+
+
+def stopped(stop: stopping.Stopped) -> None:
+    """One line for a command stopped by a signal outside the training loop; under SLURM (not
+    Ctrl-C) the job is requeued, and the next run goes on from what was finished."""
+    from sd_lightning.callbacks.preemption import in_slurm_batch_job, requeue_slurm_job
+
+    logging.getLogger("sd_lightning").warning(
+        "stopped by %s during %s; what was finished is kept: run the same command again to go on",
+        stop.signal_name,
+        stop.where,
+    )
+    if stop.signal_name != "SIGINT" and in_slurm_batch_job():
+        requeue_slurm_job()
 
 
 def main() -> None:

@@ -15,8 +15,8 @@ import warnings
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
+from sd_lightning.atomic import save_safetensors
 from sd_lightning.files import read_weight_file
 from sd_lightning.models.autoencoder import AutoencoderKL
 from sd_lightning.resume import SHARDED_META, sharded_meta
@@ -108,6 +108,5 @@ def save_vae(vae: AutoencoderKL, path: str, step: int = 0) -> str:
     CompVis names, the building config and the stage in the metadata."""
     state = {k: v.detach().cpu().contiguous() for k, v in vae.state_dict().items()}
     meta = {"stage": "vae", "model": "autoencoder", "config": vae.config, "step": step}
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    save_file(state, path, metadata={k: json.dumps(v) for k, v in meta.items()})
+    save_safetensors(state, path, metadata={k: json.dumps(v) for k, v in meta.items()})
     return path

@@ -20,6 +20,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
+from sd_lightning import stopping
 from sd_lightning.checkpoints import load_vae
 from sd_lightning.data.pipeline import ShardPipeline
 from sd_lightning.data.writer import refuse_existing_shards
@@ -60,7 +61,21 @@ def encode(cfg: DictConfig) -> dict[str, Any]:
     trainer: L.Trainer = instantiate(
         cfg.trainer, callbacks=[writer], logger=False, enable_checkpointing=False
     )
-    trainer.predict(system, dataloaders=loader, return_predictions=False)
+    stopping.reset()
+    try:
+        with stopping.handling():
+            trainer.predict(system, dataloaders=loader, return_predictions=False)
+    except stopping.Stopped:
+        if trainer.is_global_zero:  # the shards written so far, complete, and their sizes
+            sizes = merge_sizes(output)
+            log.warning(
+                "stage=encode: %d samples in %d complete shards kept in %s (data.urls='%s')",
+                sum(sizes.values()),
+                len(sizes),
+                output,
+                shard_pattern(output, list(sizes)),
+            )
+        raise
     trainer.strategy.barrier()
     if not trainer.is_global_zero:
         return {}

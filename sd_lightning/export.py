@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 from typing import Any
 
 import torch
 from omegaconf import DictConfig
 
+from sd_lightning.atomic import replaced_folder
 from sd_lightning.errors import InputError
+from sd_lightning.option_checks import check_add_ons
 from sd_lightning.preflight import check_sampling_source, require
 from sd_lightning.weights.configs import LATENT_SCALE
 
@@ -38,13 +39,63 @@ def check_export(cfg: DictConfig) -> None:
             f"output={output!r}: a single file is written as safetensors; give a path ending in "
             ".safetensors (or format=diffusers for a folder)"
         )
-    if os.path.exists(output) and not cfg.overwrite:
-        raise InputError(
-            f"output={output!r} exists: give a new path, or overwrite=true to replace it"
-        )
+    check_output(output, cfg.format, bool(cfg.overwrite))
+    check_add_ons(cfg)
     if os.path.abspath(output) == os.path.abspath(str(cfg.ckpt)):
         raise InputError(f"output={output!r} is the ckpt= being read: give another path")
     check_sampling_source(str(cfg.ckpt))
+
+
+# what a diffusers pipeline folder holds (diffusers' model_index.json names its parts)
+PIPELINE_ENTRIES = {
+    "model_index.json",
+    "unet",
+    "vae",
+    "text_encoder",
+    "tokenizer",
+    "scheduler",
+    "text_encoder_2",
+    "tokenizer_2",
+    "safety_checker",
+    "feature_extractor",
+    "image_encoder",
+    "README.md",
+    ".gitattributes",
+}
+
+
+def check_output(output: str, fmt: str, overwrite: bool) -> None:
+    """What ``output=`` may replace: nothing without ``overwrite=true``; with it, only what an
+    export writes (a file for a single file, a diffusers pipeline folder, an empty folder)."""
+    if not os.path.lexists(output):
+        return
+    if fmt == "diffusers" and os.path.isdir(output) and not os.listdir(output):
+        return  # an empty folder: nothing to lose
+    if not overwrite:
+        raise InputError(
+            f"output={output!r} exists: give a new path, or overwrite=true to replace it"
+        )
+    if fmt == "single_file" and (os.path.isdir(output) or not os.path.isfile(output)):
+        raise InputError(
+            f"output={output!r} is a folder, not a file: overwrite=true replaces only a file with "
+            "a single file; give a path ending in .safetensors"
+        )
+    if fmt == "diffusers":
+        if not os.path.isdir(output):
+            raise InputError(
+                f"output={output!r} is a file: format=diffusers writes a folder; give a new path"
+            )
+        entries = set(os.listdir(output))
+        foreign = sorted(entries - PIPELINE_ENTRIES)
+        if "model_index.json" not in entries or foreign:
+            shown = ", ".join(foreign[:4]) + (
+                f" and {len(foreign) - 4} more" if len(foreign) > 4 else ""
+            )
+            what = f"it holds {shown}" if foreign else "it has no model_index.json"
+            raise InputError(
+                f"output={output!r} is not a diffusers pipeline folder ({what}): overwrite=true "
+                "replaces only a pipeline folder, never other files; give a new path"
+            )
 
 
 def release_of(cfg: DictConfig) -> tuple[Any, str]:
@@ -53,7 +104,9 @@ def release_of(cfg: DictConfig) -> tuple[Any, str]:
     from sd_lightning.sample import apply_loras, load_ldm
     from sd_lightning.weights.write import Release
 
-    system = load_ldm(cfg.ckpt, prediction=cfg.get("prediction"), use_ema=cfg.use_ema)
+    system = load_ldm(
+        cfg.ckpt, prediction=cfg.get("prediction"), use_ema=cfg.use_ema, base=cfg.get("base")
+    )
     apply_loras(system, cfg.get("lora"), cfg.get("lora_scale", 1.0))  # merged into the U-Net
     unet = system.sampling_net if cfg.use_ema else system.unet
     if system.ema is None:  # SD weights: load_sd_system took the file's EMA copy where asked
@@ -80,12 +133,12 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     check_export(cfg)
     release, which = release_of(cfg)
     output, dtype = str(cfg.output), DTYPES[cfg.dtype]
-    if os.path.exists(output):  # overwrite=true
-        shutil.rmtree(output) if os.path.isdir(output) else os.remove(output)
+    # written beside and then renamed over output: the old export stays until the new is whole
     if cfg.format == "single_file":
         missing = write_single_file(release, output, dtype)
     else:
-        missing = write_diffusers(release, output, dtype)
+        with replaced_folder(output) as folder:
+            missing = write_diffusers(release, folder, dtype)
     layout = text_layout(release.text) or "none"
     log.info(
         "exported %s (%s, %s): U-Net (%s weights), VAE (latent scale %.5f), text encoder %s; "

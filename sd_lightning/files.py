@@ -21,7 +21,7 @@ import torch
 from sd_lightning.errors import InputError
 
 ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since 1.6
-PICKLE_MAGIC = b"\x80"  # torch.save's legacy format starts with a pickle protocol opcode
+PICKLE_PROTOCOLS = range(2, 6)  # a pickle starts with PROTO (0x80) and its protocol, 2 to 5
 CONVERT = (
     'if you trust the file, convert it once: python -c "import torch; from safetensors.torch '
     "import save_file; sd = torch.load('{path}', weights_only=False); sd = sd.get('state_dict', "
@@ -105,6 +105,50 @@ class WeightFile:
             )
 
 
+def identify(keys: list[str], stage: str | None = None) -> str | None:
+    """What a weights file is, from its tensor names: for the error when it is given to an
+    option that takes something else (``None``: nothing we know)."""
+    if stage:
+        return f"a stage={stage} file of sd_lightning"
+    if any(k.startswith(("lora_unet_", "lora_te")) or ".lora_" in k or "lora_A" in k for k in keys):
+        return "a LoRA file (give it to lora=[...] of stage=sample or stage=export)"
+    if "emb_params" in keys or (len(keys) == 1 and keys[0].startswith("<")):
+        return "a textual-inversion embedding (give it to embeddings=[...] of stage=sample)"
+    if any(k.startswith("model.diffusion_model.") for k in keys):
+        return "a whole Stable Diffusion single file"
+    if any(k.startswith(("first_stage_model.", "encoder.conv_in.")) for k in keys):
+        return "a VAE"
+    if any(
+        k.startswith(("cond_stage_model.", "text_model.", "transformer.resblocks.")) for k in keys
+    ):
+        return "a text encoder"
+    if any(k.startswith(("down_blocks.", "input_blocks.")) for k in keys):
+        return "a U-Net"
+    return None
+
+
+def identify_folder(folder: str) -> str | None:
+    """What a diffusers/transformers component folder is, from its ``config.json``."""
+    path = os.path.join(folder, "config.json")
+    if os.path.isfile(os.path.join(folder, "model_index.json")):
+        return "a diffusers pipeline folder"
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except ValueError:
+        return None
+    name = config.get("_class_name") or next(iter(config.get("architectures") or []), None)
+    kinds = {
+        "UNet2DConditionModel": "a diffusers U-Net folder (unet/)",
+        "AutoencoderKL": "a diffusers VAE folder (vae/)",
+        "CLIPTextModel": "a text encoder folder (text_encoder/)",
+        "CLIPTextModelWithProjection": "a text encoder folder (text_encoder_2/)",
+    }
+    return kinds.get(name, f"a {name} folder" if name else None)
+
+
 class _Safetensors(Mapping):
     """A safetensors file as a read-only mapping; a tensor is read when it is looked up, so a
     reader that takes one part of a whole Stable Diffusion file reads only that part."""
@@ -149,7 +193,12 @@ def _safetensors_metadata(path: str, head: bytes, size: int) -> dict[str, Any] |
             header = json.loads(f.read(length))
         except ValueError:
             return None
-    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+    if not isinstance(header, dict):
+        return None
+    entries = [v for k, v in header.items() if k != "__metadata__"]
+    if not all(isinstance(v, dict) and len(v.get("data_offsets", ())) == 2 for v in entries):
+        return None  # JSON, but not a safetensors header
+    ends = [v["data_offsets"][1] for v in entries]
     if 8 + length + max(ends, default=0) > size:
         raise _Truncated(size, 8 + length + max(ends))
     meta = header.get("__metadata__") or {}
@@ -184,9 +233,8 @@ def read_weight_file(
     with open(path, "rb") as f:
         head = f.read(256)
     found = WeightFile(option, path, expected, kind="checkpoint")
-    if head.startswith((ZIP_MAGIC, PICKLE_MAGIC)):
-        found.content = _torch_load(found, mmap and head.startswith(ZIP_MAGIC))
-        return found
+    # by full signatures, safetensors first: its 8-byte header length can begin with any byte,
+    # 0x80 (a pickle's first byte) included, but then comes a JSON header that parses
     try:
         metadata = _safetensors_metadata(path, head, size)
     except _Truncated as cut:
@@ -195,10 +243,18 @@ def read_weight_file(
             f"is damaged or incomplete (a safetensors file cut short: {there:,} of its "
             f"{needed:,} bytes; an interrupted download or copy?)"
         ) from None
-    if metadata is None:
-        raise found.error(_describe(head))
-    found.kind, found.metadata = "safetensors", metadata
-    return found
+    if metadata is not None:
+        found.kind, found.metadata = "safetensors", metadata
+        return found
+    if head.startswith(ZIP_MAGIC) or _is_pickle(head):
+        found.content = _torch_load(found, mmap and head.startswith(ZIP_MAGIC))
+        return found
+    raise found.error(_describe(head))
+
+
+def _is_pickle(head: bytes) -> bool:
+    """A pickle (torch.save's legacy format, or any other): PROTO and a protocol of 2 to 5."""
+    return len(head) >= 2 and head[0] == 0x80 and head[1] in PICKLE_PROTOCOLS
 
 
 def _torch_load(found: WeightFile, mmap: bool) -> dict[str, Any]:

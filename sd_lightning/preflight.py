@@ -15,6 +15,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from sd_lightning.errors import InputError
+from sd_lightning.option_checks import check_add_ons, check_training_options
 
 PROMPTS_EXAMPLE = """prompts='["a red circle", "a blue square"]'"""
 LDM_HINT = (
@@ -47,6 +48,7 @@ def check_training(cfg: DictConfig) -> None:
     require(cfg)
     check_seed(cfg.get("seed"))
     check_data(cfg.get("data"))
+    check_training_options(cfg)
     max_steps = cfg.trainer.get("max_steps", -1)
     if max_steps is not None and (max_steps == 0 or max_steps < -1):
         raise InputError(
@@ -64,12 +66,16 @@ def check_training(cfg: DictConfig) -> None:
             "a fine-tuning method (finetune=...) trains on base weights: give pretrained=... "
             "(Stable Diffusion weights, a single file or a diffusers folder)"
         )
+    if cfg.get("stage") == "ldm":
+        check_component_files(cfg)
     if cfg.get("stage") == "ldm" and not cfg.get("vae_ckpt") and not cfg.get("pretrained"):
         raise InputError(
             "stage=ldm needs vae_ckpt=... (a stage=vae run's checkpoints/last.ckpt, or Stable "
             "Diffusion's VAE) or pretrained=... (Stable Diffusion weights to fine-tune)"
         )
     check_run_dir(cfg.paths.output_dir, ckpt_path)
+    if ckpt_path == "auto":
+        check_resumed_run(cfg)
 
 
 def check_data(data: DictConfig | None) -> None:
@@ -106,6 +112,51 @@ def check_pretrained(path: str) -> None:
             "pretrained= takes Stable Diffusion weights. Resume a run with ckpt_path=, or "
             "give a stage-1 checkpoint as vae_ckpt="
         )
+
+
+# what each option takes, by what :func:`files.identify` calls a file
+TAKES = {
+    "vae_ckpt": (
+        "a VAE",
+        "a whole Stable Diffusion single file",
+        "a stage=vae file of sd_lightning",
+    ),
+    "text_encoder.pretrained": ("a text encoder", "a whole Stable Diffusion single file"),
+}
+
+
+def check_component_files(cfg: DictConfig) -> None:
+    """``vae_ckpt=``, ``text_encoder.pretrained=`` and a ``pretrained=`` folder: the wrong kind
+    of file (a LoRA, an embedding, another part) is named before anything is built; only file
+    headers and config.json files are read."""
+    from sd_lightning.files import identify, identify_folder, read_weight_file
+
+    text = cfg.get("text_encoder") or {}
+    for option, value in (
+        ("vae_ckpt", cfg.get("vae_ckpt")),
+        ("text_encoder.pretrained", text.get("pretrained")),
+    ):
+        if not value or not os.path.isfile(str(value)):
+            continue
+        found = read_weight_file(str(value), option, "weights")
+        keys = list(found.lazy_tensors(meta=True)) if found.kind == "safetensors" else []
+        what = identify(keys, found.stage) if found.kind == "safetensors" else None
+        if what and not what.startswith(TAKES[option]):
+            raise InputError(f"{option}={str(value)!r} is {what}, not what {option}= takes")
+    folders = {  # option -> (the folders it takes, what to say)
+        "pretrained": ("a diffusers U-Net", "a whole pipeline folder or a unet/ folder"),
+        "vae_ckpt": ("a diffusers VAE", "a whole pipeline folder or a vae/ folder"),
+        "text_encoder.pretrained": ("a text encoder", "a whole pipeline or a text_encoder/ folder"),
+    }
+    values = {"pretrained": cfg.get("pretrained"), "vae_ckpt": cfg.get("vae_ckpt")}
+    values["text_encoder.pretrained"] = text.get("pretrained")
+    for option, value in values.items():
+        if not value or not os.path.isdir(str(value)):
+            continue
+        what = identify_folder(str(value))
+        takes, said = folders[option]
+        if what and not what.startswith(("a diffusers pipeline", takes)):
+            raise InputError(f"{option}={str(value)!r} is {what}: {option}= takes {said}")
 
 
 def check_resume_file(path: str, stage: str | None) -> str:
@@ -148,6 +199,43 @@ def check_run_dir(output_dir: str, ckpt_path: str | None) -> None:
     )
 
 
+def method(config: dict[str, Any] | DictConfig) -> str:
+    """``stage=ldm finetune=lora``: what a run trains, from its config."""
+    stage = config.get("stage")
+    finetune = config.get("finetune") or {}
+    target = str(finetune.get("_target_") or "").rsplit(".", 1)[-1]
+    name = {"LoRA": "lora", "DreamBooth": "dreambooth", "TextualInversion": "textual_inversion"}
+    what = f"stage={stage}"
+    if stage == "ldm":
+        what += f" finetune={name.get(target, 'none')}"
+        if target == "DreamBooth" and finetune.get("lora"):
+            what += " (a LoRA)"
+    return what
+
+
+def check_resumed_run(cfg: DictConfig) -> None:
+    """``ckpt_path=auto`` in a run directory that holds checkpoints: they must be of what this
+    command trains, or resuming would load another method's tensors (after the model is built)."""
+    from sd_lightning.resume import newest_checkpoint, sharded_meta
+
+    found = newest_checkpoint(os.path.join(cfg.paths.output_dir, "checkpoints"))
+    if found is None:
+        return
+    import torch
+
+    meta_path = sharded_meta(found) if os.path.isdir(found) else found
+    meta = torch.load(meta_path, map_location="cpu", weights_only=True, mmap=True)
+    saved = (meta.get("sd_lightning") or {}).get("config") or {}
+    theirs, ours = method(saved), method(cfg)
+    if saved and theirs != ours:
+        raise InputError(
+            f"the run directory {cfg.paths.output_dir} holds a {theirs} run's checkpoints "
+            f"({os.path.basename(found)}), and this command trains {ours}: resuming would load "
+            "the other run's tensors. Start this run in a new directory (hydra.run.dir=...), or "
+            "run that run's own command there to resume it"
+        )
+
+
 def _strings(value: Any, option: str, example: str) -> list[str]:
     """A string or a list of strings (Hydra gives ListConfigs), as a list."""
     items = [value] if isinstance(value, str) else value
@@ -184,6 +272,7 @@ def check_sampling(cfg: DictConfig) -> tuple[list[str], list[str] | str]:
     check_seed(cfg.seed)
     if int(cfg.seed) + len(prompts) - 1 > SEED_MAX:
         raise InputError(f"seed={cfg.seed}: image i uses seed + i, which must stay <= {SEED_MAX}")
+    check_add_ons(cfg)
     check_sampling_source(str(cfg.ckpt))
     return prompts, negative if isinstance(negative, str) else negatives
 

@@ -1,5 +1,5 @@
-"""Checkpoint files that survive being killed: atomic writes, and resuming from the newest
-complete checkpoint of a run directory.
+"""Resuming from the newest complete checkpoint of a run directory (checkpoints are written
+atomically by :class:`sd_lightning.checkpoint_io.AtomicCheckpointIO`).
 
 ``ckpt_path=auto`` (the default) looks in ``<run dir>/checkpoints`` for every ``*.ckpt`` (the
 preemption checkpoint, ``last.ckpt``, the periodic ones; files, or folders of shards under
@@ -14,37 +14,11 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
-from typing import Any
 
 import torch
-from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 log = logging.getLogger(__name__)
 SHARDED_META = "meta.pt"  # what Lightning calls the non-tensor part of a sharded checkpoint
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """``torch.save`` into a temporary file beside the target, ``fsync``, then ``os.replace``: a
-    reader (or a resumed job) sees the old checkpoint or the new one, never half of one. Lightning's
-    own save goes through a temporary file in ``/tmp`` and a move, which is a copy, not atomic,
-    when the run directory is on another file system (NFS, Lustre)."""
-
-    def save_checkpoint(
-        self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None
-    ) -> None:
-        path = os.fspath(path)
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{os.getpid()}")
-        try:
-            with open(tmp, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
 
 
 def checkpoint_folder(trainer) -> str:

@@ -27,30 +27,51 @@ log = logging.getLogger(__name__)
 
 
 def load_ldm(
-    path: str, key: str = "ckpt", prediction: str | None = None, use_ema: bool = True
+    path: str,
+    key: str = "ckpt",
+    prediction: str | None = None,
+    use_ema: bool = True,
+    base: str | None = None,
 ) -> LatentDiffusionSystem:
     """Rebuild the stage-2 system from its checkpoint alone (the U-Net, EMA and frozen VAE from
     the saved state, the text encoder from the saved config), or from Stable Diffusion's weights
-    (``prediction`` and ``use_ema``: see :func:`load_sd_system`)."""
+    (``prediction`` and ``use_ema``: see :func:`load_sd_system`). A partial checkpoint (LoRA,
+    textual inversion) takes its base from where it was trained, or ``base`` (it moved)."""
     if not check_sampling_source(str(path)):
         from sd_lightning.weights.pipeline import load_sd_system
 
         return load_sd_system(str(path), key, prediction, "auto" if use_ema else False)
     checkpoint = read_checkpoint(path, "ldm", key, LDM_HINT)
     meta = checkpoint["sd_lightning"]
-    model_cfg: dict[str, Any] = dict(meta["config"]["model"])
+    config = meta["config"]
     partial = "base" in meta  # a LoRA's checkpoint: the base weights (and VAE) from their files
+    where = f"{key}={str(path)!r}"
+    if partial:
+        from sd_lightning.finetune.base import check_base, rebased
+
+        trained_on = str(config.get("pretrained"))
+        if base:
+            config = rebased(config, trained_on, str(base))
+        elif not os.path.exists(trained_on):
+            raise InputError(
+                f"{where} holds adapters for the base weights {trained_on}, which are not there "
+                "any more: give their new place with base=/path/to/the/weights"
+            )
+    elif base:
+        raise InputError(
+            f"base= is for partial checkpoints (LoRA, textual inversion); {where} holds a whole model"
+        )
+    model_cfg: dict[str, Any] = dict(config["model"])
     if not partial:
         model_cfg["vae"] = {"_target_": "sd_lightning.models.AutoencoderKL", **meta["vae_config"]}
     system = instantiate(OmegaConf.create(model_cfg))
     if partial:
-        from sd_lightning.finetune.base import check_base
         from sd_lightning.weights import pretrained
 
-        pretrained.load(system, OmegaConf.create(meta["config"]), resume=None)
-        check_base(meta["base"], system.base_reference, f"{key}={str(path)!r}")
+        pretrained.load(system, OmegaConf.create(config), resume=None)
+        check_base(meta["base"], system.base_reference, where, "base")
     system.load_state_dict(checkpoint["state_dict"], strict=not partial)
-    system.run_config = meta["config"]
+    system.run_config = config
     return system.eval()
 
 
@@ -107,7 +128,9 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
     prompts, negative = check_sampling(cfg)
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = sampling_dtype(cfg.get("dtype", "auto"), device)
-    system = load_ldm(cfg.ckpt, prediction=cfg.get("prediction"), use_ema=cfg.use_ema)
+    system = load_ldm(
+        cfg.ckpt, prediction=cfg.get("prediction"), use_ema=cfg.use_ema, base=cfg.get("base")
+    )
     apply_loras(system, cfg.get("lora"), cfg.get("lora_scale", 1.0))
     words = load_embeddings(system.text_encoder.net, cfg.get("embeddings"))
     if words:

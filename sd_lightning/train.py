@@ -17,8 +17,9 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.strategies import ModelParallelStrategy
 from omegaconf import DictConfig, OmegaConf
-from safetensors.torch import save_file
 
+from sd_lightning import stopping
+from sd_lightning.atomic import save_safetensors
 from sd_lightning.callbacks import Preemption
 from sd_lightning.preflight import check_training, require
 from sd_lightning.resume import resolve_ckpt_path
@@ -40,6 +41,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """Fit ``cfg.model`` on ``cfg.data`` with ``cfg.trainer``; returns the final logged metrics.
     A run stopped by Ctrl-C (checkpoint written) exits with status 130."""
     check_training(cfg)
+    stopping.reset()  # a new command (tests run several in one process)
     pretrained.configure(cfg)  # pretrained=: the networks' shapes from the weights
     checkpoint_dir = os.path.join(cfg.paths.output_dir, "checkpoints")
     if cfg.get("seed") is not None:
@@ -61,8 +63,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     sharded = isinstance(trainer.strategy, ModelParallelStrategy)  # trainer=fsdp
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), checkpoint_dir, sharded, cfg.get("stage"))
     pretrained.load(system, cfg, ckpt_path)  # pretrained=: its weights, unless resuming
-    try:
-        trainer.fit(system, datamodule=datamodule, ckpt_path=ckpt_path)
+    try:  # signals are recorded from here: a phase before the first step stops too
+        with stopping.handling():
+            trainer.fit(system, datamodule=datamodule, ckpt_path=ckpt_path)
     finally:
         _finish_wandb(loggers)  # each job of a multirun sweep gets its own wandb run
 
@@ -108,9 +111,8 @@ def export_weights(
     paths = []
     for stem, (state, meta) in files.items():
         path = os.path.join(output_dir, "export", f"{stem}.safetensors")
-        os.makedirs(os.path.dirname(path), exist_ok=True)
         text = {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
-        save_file(state, path, metadata=text)
+        save_safetensors(state, path, metadata=text)
         paths.append(path)
     readers = getattr(getattr(system, "finetune", None), "readers", None) or {}
     for stem in files:

@@ -174,6 +174,37 @@ def ldm_ckpt(tmp_path_factory, data_dir, vae_ckpt) -> Path:
     return run / "checkpoints" / "last.ckpt"
 
 
+@pytest.fixture(scope="session")
+def small_base(tmp_path_factory) -> Path:
+    """A tiny two-level SD 1-like pipeline folder written by diffusers (tests/sd_fixtures.py),
+    the base the fine-tuning tests start from with ``pretrained=``."""
+    from sd_fixtures import SMALL_UNET, SMALL_VAE, pipeline_folder
+
+    folder, *_ = pipeline_folder(tmp_path_factory.mktemp("small_base"), SMALL_UNET, SMALL_VAE, 16)
+    return folder
+
+
+def start_cli(*args: str, env: dict | None = None, **popen) -> subprocess.Popen:
+    """``python -m sd_lightning ARGS`` started, its stdout and stderr merged into one text pipe
+    (``tests/`` importable, for the fault-injection callbacks)."""
+    full_env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT / "tests"),
+        "PYTHONUNBUFFERED": "1",
+        "WANDB_MODE": "offline",
+        **(env or {}),
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "sd_lightning", *args],
+        cwd=ROOT,
+        env=full_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **popen,
+    )
+
+
 @pytest.fixture
 def ldm_cfg_factory(tmp_path, data_dir, vae_ckpt):
     """The stage-2 config at tiny sizes, on the shared tiny stage-1 checkpoint."""

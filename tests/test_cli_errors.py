@@ -9,12 +9,11 @@ import argparse
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 import torch
-from conftest import LDM_TINY, ROOT, run_cli, run_cli_all
+from conftest import LDM_TINY, run_cli, run_cli_all, start_cli
 from test_cli import CLI_TINY
 
 pytestmark = pytest.mark.slow
@@ -134,16 +133,7 @@ def _start(run, *extra: str) -> subprocess.Popen:
         "+callbacks.pause.step=2",
         *extra,
     ]
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "tests"), "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen(
-        [sys.executable, "-m", "sd_lightning", *args],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+    return start_cli(*args, start_new_session=True)
 
 
 def _when_paused(run, proc, timeout: float = 180) -> None:

@@ -151,3 +151,28 @@ def test_every_stage_composes_and_names_a_callable_entry(cfg_factory, option):
     cfg = cfg_factory(f"stage={option}", tiny=False)
     assert cfg.stage == option
     assert callable(get_method(cfg.entry))
+
+
+def test_the_commands_in_experiment_headers_survive_the_shell_and_hydra():
+    """``# python -m sd_lightning ...`` lines of conf/experiment/*.yaml, split as bash splits
+    them, give Hydra overrides that parse (the <...> of a textual-inversion token included)."""
+    import shlex
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    for path in sorted((CONF / "experiment").glob("*.yaml")):
+        lines = [line[1:].strip() for line in path.read_text().splitlines() if line.startswith("#")]
+        start = next((i for i, line in enumerate(lines) if "python -m sd_lightning" in line), None)
+        if start is None:
+            continue
+        command = []
+        for line in lines[start:]:  # the command and its continuation lines
+            command.append(line.rstrip("\\"))
+            if not line.endswith("\\"):
+                break
+        command = " ".join(command).split("python -m sd_lightning", 1)[1]
+        args = [a for a in shlex.split(command) if a.startswith("finetune.")]  # not <paths>
+        for override in parser.parse_overrides(args):
+            if override.key_or_group == "finetune.token":
+                assert override.value() == "<my-teapot>", path.name

@@ -8,7 +8,6 @@ import pytest
 import torch
 from conftest import DATA_TINY, compose_config
 from safetensors.torch import load_file
-from sd_fixtures import SMALL_UNET, SMALL_VAE, pipeline_folder
 
 from sd_lightning.errors import InputError
 
@@ -27,9 +26,8 @@ LORA = [
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    folder, *_ = pipeline_folder(tmp_path_factory.mktemp("base"), SMALL_UNET, SMALL_VAE, 16)
-    return folder
+def base(small_base):
+    return small_base
 
 
 def _train(run, data_dir, base, *more):

@@ -14,7 +14,6 @@ import torch
 from conftest import compose_config
 from PIL import Image
 from safetensors.torch import load_file
-from sd_fixtures import SMALL_UNET, SMALL_VAE, pipeline_folder
 
 from sd_lightning.errors import InputError
 
@@ -46,9 +45,8 @@ DREAMBOOTH = [
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    folder, *_ = pipeline_folder(tmp_path_factory.mktemp("base"), SMALL_UNET, SMALL_VAE, 16)
-    return folder
+def base(small_base):
+    return small_base
 
 
 @pytest.fixture(scope="module")

@@ -1,20 +1,24 @@
 """``data=folder`` and aspect-ratio buckets: a folder of odd-shaped photos (portrait, landscape,
 square, tiny, huge, one unreadable) trains in buckets, every batch one shape, nothing cropped
-beyond what sticks out of its bucket, as many batches on each of 2 ranks; shards bucket alike."""
+beyond what sticks out of its bucket, as many batches on each of 2 ranks; shards bucket alike;
+a real Trainer counts an epoch as the bucket plan has batches (its progress bar's total)."""
 
 from __future__ import annotations
 
 import io
+import json
 import logging
 import math
+import os
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
 import webdataset as wds
 from PIL import Image
 
-from sd_lightning.data.buckets import bucket_sizes
+from sd_lightning.data.buckets import batches_in_epoch, bucket_sizes
 from sd_lightning.data.folder import FolderDataModule
 from sd_lightning.errors import InputError
 
@@ -155,3 +159,69 @@ def test_the_command_line_checks_the_folder_before_building_anything(tmp_path):
     missing = ["data.path=/photos/nope", *base]
     with pytest.raises(InputError, match="data.path='/photos/nope' is not a folder"):
         check_training(compose_config(missing, tmp_path / "b", tmp_path / "data"))
+
+
+class _CountBatches(L.LightningModule):
+    """The least a Trainer trains: counts the batches of each epoch and what Lightning expected."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(()))
+        self.epochs: list[list[int]] = []  # [expected by Lightning, yielded]
+
+    def on_train_epoch_start(self):
+        self.epochs.append([self.trainer.num_training_batches, 0])
+
+    def training_step(self, batch, index):
+        self.epochs[-1][1] += 1
+        return self.weight * batch["image"].mean()
+
+    def validation_step(self, batch, index):  # none run (limit_val_batches=0)
+        pass
+
+    def on_fit_end(self):  # every rank's count, for the test to read back
+        path = os.path.join(self.trainer.default_root_dir, f"epochs-{self.global_rank}.json")
+        with open(path, "w") as f:
+            json.dump(self.epochs, f)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+@pytest.mark.parametrize("devices", [1, pytest.param(2, marks=pytest.mark.slow)])
+def test_lightning_counts_an_epoch_as_the_bucket_plan_has_batches(photos, tmp_path, devices):
+    from conftest import compose_config
+    from hydra.utils import instantiate
+
+    overrides = [
+        "data=folder",
+        f"data.path={photos}",
+        "data.caption=x",
+        "data.image_size=32",
+        "data.bucket_step=8",
+        "data.batch_size=3",
+        "data.repeats=1",
+        "data.cache_latents=false",
+        "data.val_images=0",
+    ]
+    data = instantiate(compose_config(overrides, tmp_path / "run", tmp_path / "data").data)
+    trainer = L.Trainer(
+        max_epochs=2,
+        accelerator="cpu",
+        devices=devices,
+        strategy="ddp_spawn" if devices > 1 else "auto",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        default_root_dir=str(tmp_path),
+    )
+    trainer.fit(_CountBatches(), data)
+    data.setup()
+    buckets = [i.bucket for i in data.items]
+    planned = batches_in_epoch(buckets, 3, devices) // devices  # this rank's share of the plan
+    assert len(set(buckets)) == 3 and planned == (3 if devices == 1 else 2)  # 3 padded to 4
+    for rank in range(devices):
+        epochs = json.loads((tmp_path / f"epochs-{rank}.json").read_text())
+        assert epochs == [[planned, planned]] * 2, rank  # Lightning knows what each epoch yields

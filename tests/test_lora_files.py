@@ -15,7 +15,6 @@ import pytest
 import torch
 from conftest import DATA_TINY, compose_config
 from safetensors.torch import load_file, save_file
-from sd_fixtures import SMALL_UNET, SMALL_VAE, pipeline_folder
 
 from sd_lightning.errors import InputError
 from sd_lightning.finetune.lora_files import kohya_metadata
@@ -28,9 +27,8 @@ PROMPT = "a red circle at the top left"
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    folder, *_ = pipeline_folder(tmp_path_factory.mktemp("base"), SMALL_UNET, SMALL_VAE, 16)
-    return folder
+def base(small_base):
+    return small_base
 
 
 def _pipe(base):

@@ -33,6 +33,7 @@ def test_preempt_signal_checkpoints_once_stops_and_resumes(ldm_cfg_factory, tmp_
     cfg.paths.output_dir = str(run)
     train(cfg)
     assert "resume: continuing from" in caplog.text and "preempted-step00000003" in caplog.text
+    assert "weights_only" not in caplog.text  # resumed with weights_only=True, as everything
     last = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     assert last["global_step"] == 6
 

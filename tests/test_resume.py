@@ -8,7 +8,8 @@ import pytest
 import torch
 from conftest import LDM_TINY, TINY, compose_config
 
-from sd_lightning.resume import AtomicCheckpointIO, newest_checkpoint, resolve_ckpt_path
+from sd_lightning.checkpoint_io import AtomicCheckpointIO
+from sd_lightning.resume import newest_checkpoint, resolve_ckpt_path
 from sd_lightning.train import train
 
 pytestmark = pytest.mark.slow

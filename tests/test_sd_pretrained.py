@@ -181,7 +181,7 @@ def test_bad_pretrained_files_name_the_file_and_the_fix(tmp_path, ldm_ckpt):
     cases = [
         (cut, "is damaged or incomplete"),
         (pickled, "needs pickle to load"),
-        (vae_only, "holds no SD U-Net (no model.diffusion_model.* keys; a VAE-only file?)"),
+        (vae_only, "is a VAE, with no SD U-Net (no model.diffusion_model.* keys)"),
         (xl, "is a U-Net with 2048-d text context: SD 1.x has 768, SD 2.x 1024"),
         (ldm_ckpt, "is a stage=ldm checkpoint of sd_lightning: pretrained= takes Stable Diffusion"),
     ]

@@ -137,7 +137,9 @@ def test_bad_sd_files_name_the_file_and_what_was_found(tmp_path):
         read_sd_unet(str(path), "ckpt", HINT, use_ema=True)
     vae_only = tmp_path / "vae.safetensors"
     save_file({k: v.contiguous() for k, v in AutoencoderKL(**VAE).state_dict().items()}, vae_only)
-    with pytest.raises(InputError, match=r"holds no SD U-Net \(no model.diffusion_model.\* keys"):
+    with pytest.raises(
+        InputError, match=r"is a VAE, with no SD U-Net \(no model.diffusion_model.\* keys"
+    ):
         read_sd_unet(str(vae_only), "pretrained", HINT)
     assert read_sd_vae(str(vae_only), "vae_ckpt", HINT).config["ch"] == 32  # a standalone VAE
     sdxl = {**to_original(UNetModel(**{**UNETS["sd1"], "context_dim": 2048}).state_dict(), "unet")}

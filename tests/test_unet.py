@@ -182,7 +182,7 @@ def test_text_encoder_penultimate_layer_is_seeded_and_frozen(caplog):
 
 def test_text_encoder_weights_that_cannot_be_had_give_the_fix(tmp_path):
     missing = tmp_path / "open_clip_pytorch_model.bin"
-    with pytest.raises(FileNotFoundError, match="no such file"):
+    with pytest.raises(ValueError, match="no such file"):
         OpenCLIPTextEncoder(name="ViT-H-14", pretrained=str(missing))
     with pytest.raises(ValueError, match="text_encoder=random_tiny"):
         OpenCLIPTextEncoder(name="ViT-H-14", pretrained=None)

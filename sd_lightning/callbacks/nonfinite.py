@@ -78,7 +78,7 @@ class NonFiniteGuard(L.Callback):
             path = os.path.join(
                 checkpoint_folder(trainer), self.filename.format(step=trainer.global_step)
             )
-            trainer.save_checkpoint(path)  # the weights are those of the last good step
+            trainer.save_checkpoint(path, weights_only=False)  # the last good step, whole
             raise NonFiniteTrainingError(
                 f"{self.consecutive} optimizer steps in a row had non-finite gradients (last on "
                 f"rank(s) {bad}, step {trainer.global_step}); the last good weights are saved in "

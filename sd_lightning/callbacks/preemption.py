@@ -27,6 +27,7 @@ from typing import Any
 import lightning as L
 import torch
 
+from sd_lightning import stopping
 from sd_lightning.resume import checkpoint_folder
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,7 @@ class Preemption(L.Callback):
         self.stopped = False  # every rank agreed and a checkpoint was written
         self.checkpoint_path: str | None = None
         self._previous: dict[int, Any] = {}
+        self.training = False  # the first step has begun (a stop then writes a checkpoint)
 
     # -- handlers ----------------------------------------------------------------------------------
     def _handle(self, signum: int, frame: Any) -> None:
@@ -86,11 +88,16 @@ class Preemption(L.Callback):
         if name == "SIGINT" and self.received == "SIGINT":  # Ctrl-C twice: stop now
             signal.signal(signal.SIGINT, signal.default_int_handler)
             raise KeyboardInterrupt
+        stopping.record(name)  # a phase before the first step stops too (class images...)
         if self.received is None:
             again = " (Ctrl-C again to stop at once, without it)" if name == "SIGINT" else ""
-            log.warning(
-                "preemption: received %s; checkpointing at the end of this step%s", name, again
+            what = (
+                "checkpointing at the end of this step"
+                if self.training
+                else "stopping after the work in hand, before the first step (what is finished is "
+                "kept)"
             )
+            log.warning("preemption: received %s; %s%s", name, what, again)
         self.received = name
 
     def _install(self) -> None:
@@ -104,6 +111,7 @@ class Preemption(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._install()  # Lightning has composed its SIGTERM handler in the meantime
+        self.training = True
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         for signum, previous in self._previous.items():
@@ -117,7 +125,7 @@ class Preemption(L.Callback):
             return
         folder = checkpoint_folder(trainer)
         path = os.path.join(folder, self.filename.format(step=trainer.global_step))
-        trainer.save_checkpoint(path)  # every rank calls it; the strategy writes and waits
+        trainer.save_checkpoint(path, weights_only=False)  # whole (optimizers too); all ranks
         if trainer.is_global_zero:
             for old in Path(folder).glob(self.filename.split("{")[0] + "*.ckpt"):
                 if str(old) != path:  # a file, or a folder of shards (trainer=fsdp)

@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import math
 import random
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 import numpy as np
 import torch
 from PIL import Image
 
+from sd_lightning.data.images import to_rgb
 from sd_lightning.errors import InputError
 
 
@@ -53,16 +54,16 @@ def nearest_bucket(width: int, height: int, sizes: list[tuple[int, int]]) -> tup
     return min(sizes, key=lambda wh: abs(math.log(wh[0] / wh[1]) - ratio))
 
 
-def cover(image: Image.Image, size: tuple[int, int]) -> Image.Image:
-    """``image`` (RGB) resized to the smallest size that covers ``size`` (width, height)."""
+def cover(image: Image.Image, size: tuple[int, int], notes: Counter | None = None) -> Image.Image:
+    """``image`` as RGB (:func:`~sd_lightning.data.images.to_rgb`, which counts the images with
+    transparency in ``notes``) resized to the smallest size that covers ``size`` (width, height)."""
     w, h = image.size
     bw, bh = size
     scale = max(bw / w, bh / h)
     target = (max(bw, math.ceil(w * scale - 1e-6)), max(bh, math.ceil(h * scale - 1e-6)))
     if image.format == "JPEG" and scale < 1:
         image.draft("RGB", target)
-    if image.mode != "RGB":
-        image = image.convert("RGB")
+    image = to_rgb(image, notes)
     if image.size != target:
         image = image.resize(target, Image.Resampling.BICUBIC)
     return image
@@ -119,6 +120,11 @@ class BucketTransform:
 
     def bucket(self, width: int, height: int) -> tuple[int, int]:
         return nearest_bucket(width, height, self.sizes)
+
+    def covering(self, image: Image.Image, notes: Counter | None = None):
+        """``image``'s bucket, and the image as RGB resized to cover it (:func:`cover`)."""
+        size = self.bucket(*image.size)
+        return size, cover(image, size, notes)
 
     def sample(self, image: Image.Image, rng=None) -> dict:
         original = image.size  # before cover's draft() shrinks a JPEG in place

@@ -1,39 +1,37 @@
 """``data=folder``: a folder of photos for fine-tuning, no shards needed.
 
-Every image under ``path`` (``.jpg .jpeg .png .webp .bmp``, subfolders too) with the caption in a
-same-named ``.txt`` beside it, or ``caption`` for those without one. The folder is read once,
-each image resized to cover its aspect-ratio bucket (:mod:`sd_lightning.data.buckets`) and kept
-in memory; ``repeats`` passes over it make one epoch. With ``cache_latents``, the frozen VAE
+Every image under ``path`` (``.jpg .jpeg .png .webp .bmp``, subfolders too, symlinked ones
+followed, each real folder once) with the caption in a same-named ``.txt`` beside it (UTF-8, or
+UTF-16 with a BOM), or ``caption`` for those without one, read once
+(:func:`~sd_lightning.data.images.read_folder`: any image mode made RGB, transparency composited
+on white and said once per folder), each image resized to cover its aspect-ratio bucket
+(:mod:`sd_lightning.data.buckets`) and kept in memory; ``repeats`` passes over it make one
+epoch, as many batches as Lightning is told (``len``). With ``cache_latents``, the frozen VAE
 encodes every image once at the start of training and batches carry the posterior instead of
 pixels (DreamBooth-sized sets: a few MB).
 
 A prior set (``prior_path``: DreamBooth's class images) joins the epoch with as many samples as
 the instance images have (cycled), each with loss weight ``prior_weight``.
 
-An unreadable image is skipped with a warning and counted; an image without a caption, an empty
-or missing folder stop the run with the fix. Batches are planned per epoch from the seed
+An unreadable image is skipped with a warning and counted; an image without a caption, a caption
+that is not UTF-8, an empty or missing folder stop the run with the fix (captions are read before
+any image). Batches are planned per epoch from the seed
 (:func:`~sd_lightning.data.buckets.plan_epoch`), so a resumed run continues exactly.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import random
+import warnings
 from collections import Counter
-from dataclasses import dataclass, field
 
 import torch
-from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, IterableDataset
 
-from sd_lightning.data.buckets import (
-    BucketTransform,
-    batches_in_epoch,
-    cover,
-    crop,
-    plan_epoch,
-)
+from sd_lightning import stopping
+from sd_lightning.data.buckets import BucketTransform, batches_in_epoch, crop, plan_epoch
+from sd_lightning.data.images import Item, read_folder
 from sd_lightning.data.pipeline import collate
 from sd_lightning.data.position import (
     PositionedDataModule,
@@ -45,87 +43,9 @@ from sd_lightning.errors import InputError
 
 log = logging.getLogger(__name__)
 
-EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
-LOGGED_BAD = 3
-
-
-@dataclass(eq=False)
-class Item:
-    """One image in memory: covering its bucket, with its caption and loss weight."""
-
-    image: Image.Image
-    bucket: tuple[int, int]
-    original: tuple[int, int]  # (width, height) as found
-    caption: str
-    weight: float = 1.0
-    latents: dict[str, torch.Tensor] = field(default_factory=dict)
-
-
-def image_files(path: str) -> list[str]:
-    found = []
-    for root, dirs, names in os.walk(path):
-        dirs.sort()
-        found += [os.path.join(root, n) for n in sorted(names) if n.lower().endswith(EXTENSIONS)]
-    return found
-
-
-def read_folder(
-    path: str, caption: str | None, transform: BucketTransform, option: str, weight: float = 1.0
-) -> list[Item]:
-    """The images of ``path`` as :class:`Item` (unreadable ones skipped, counted, logged)."""
-    if not os.path.isdir(path):
-        raise InputError(
-            f"{option}={path!r} is not a folder: give a folder of images "
-            f"({', '.join(EXTENSIONS)}), each with an optional same-named .txt caption"
-        )
-    files = image_files(path)
-    items, bad, small, uncaptioned = [], [], 0, []
-    for name in files:
-        text = os.path.splitext(name)[0] + ".txt"
-        if os.path.isfile(text):
-            with open(text, encoding="utf-8") as f:
-                text_caption = f.read().strip() or None  # an empty file: as if none
-        else:
-            text_caption = None
-        if text_caption is None and caption is None:
-            uncaptioned.append(name)
-            continue
-        try:
-            with Image.open(name) as image:
-                image = ImageOps.exif_transpose(image)  # phone photos: their stored rotation
-                size = image.size
-                bucket = transform.bucket(*size)
-                covered = cover(image, bucket)
-        except Exception as e:  # noqa: BLE001 - any unreadable image is skipped and counted
-            bad.append(name)
-            if len(bad) <= LOGGED_BAD:
-                log.warning("skipping unreadable image %s: %r", name, e)
-            continue
-        small += size[0] < bucket[0] or size[1] < bucket[1]
-        items.append(Item(covered, bucket, size, text_caption or caption, weight))
-    if uncaptioned:
-        caption_option = option.replace("path", "caption")  # data.caption, data.prior_caption
-        raise InputError(
-            f"{len(uncaptioned)} image(s) in {path} have no caption ({uncaptioned[0]}...): put a "
-            f"same-named .txt beside each, or set one caption for all with {caption_option}='...'"
-        )
-    if bad:
-        log.warning(
-            "%s: skipped %d of %d images that could not be read", path, len(bad), len(files)
-        )
-    if not items:
-        raise InputError(
-            f"{option}={path!r} holds no readable image ({', '.join(EXTENSIONS)}): "
-            f"{len(files)} found, {len(bad)} unreadable"
-        )
-    if small:
-        log.warning(
-            "%s: %d image(s) smaller than their bucket were upscaled (they train blurry; "
-            "remove them or lower data.image_size)",
-            path,
-            small,
-        )
-    return items
+# Lightning warns that an IterableDataset's length may be wrong with several workers; ours is
+# exact (workers take turns at the rank's batches), so the warning is noise to a user.
+LEN_WARNING = r"Your `IterableDataset` has `__len__` defined"
 
 
 class FolderBatches(IterableDataset):
@@ -167,6 +87,14 @@ class FolderBatches(IterableDataset):
         return plan_epoch(
             [i.bucket for i in self.items], self.batch_size, self.seed, self.epoch, world
         )
+
+    def __len__(self) -> int:
+        """The batches of an epoch on this rank (what Lightning counts an epoch and its progress
+        bar by): this rank's share of :meth:`plan`, however many workers take turns at it."""
+        if not self.train:
+            return len(self.plan(1))
+        world = (self.node or node_rank())[1]
+        return batches_in_epoch([i.bucket for i in self.items], self.batch_size, world) // world
 
     def __iter__(self):
         rank, world = self.node or node_rank()
@@ -305,6 +233,7 @@ class FolderDataModule(PositionedDataModule):
             return
         todo = [i for i in dict.fromkeys(self.items) if not i.latents]
         for item in todo:
+            stopping.check("caching latents (data.cache_latents)")
             pixels = crop(item.image, item.bucket, item.original)
             x = to_model_range(pixels["image"][None]).to(system.device)
             posterior = system.vae.encode(x)
@@ -325,6 +254,7 @@ class FolderDataModule(PositionedDataModule):
         if self.cache_latents:
             self._encode()
         dataset = FolderBatches(self.items, self.batch_size, self.seed, self.crop, self.hflip)
+        warnings.filterwarnings("ignore", message=LEN_WARNING)
         return self.train_loader(dataset)
 
     def val_dataloader(self) -> DataLoader | list:
@@ -332,4 +262,5 @@ class FolderDataModule(PositionedDataModule):
             return []
         first = self.images[: self.val_images]
         dataset = FolderBatches(first, self.batch_size, self.seed, "center", False, train=False)
+        warnings.filterwarnings("ignore", message=LEN_WARNING)
         return DataLoader(dataset, batch_size=None, num_workers=0)

@@ -21,6 +21,13 @@ from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.filters import _shuffle as shuffle
 
 from sd_lightning.data.health import StreamHealth
+from sd_lightning.data.images import (
+    TRANSPARENCY_NOTE,
+    TRANSPARENT,
+    decode_text,
+    has_transparency,
+    to_rgb,
+)
 from sd_lightning.data.position import node_rank, worker_share
 from sd_lightning.data.tar import shard_samples
 
@@ -68,10 +75,13 @@ class Skip(Exception):
 
 
 def caption_of(sample: dict) -> str:
+    """The sample's caption: UTF-8 (a BOM stripped) or UTF-16 with a BOM; other bytes raise
+    :class:`~sd_lightning.data.images.TextEncodingError` (a ``ValueError``: the sample is
+    skipped and counted, ``data/skipped_decode``, like any undecodable one)."""
     key = next((k for k in CAPTION_KEYS if k in sample), None)
     if key is None:
         raise Skip("no_caption")
-    return sample[key].decode("utf-8").strip()
+    return decode_text(sample[key], f"caption {sample.get('__key__')}.{key}").strip()
 
 
 class ImageSampleDecoder:
@@ -80,6 +90,7 @@ class ImageSampleDecoder:
 
     def __init__(self, transform: Callable[[Image.Image], torch.Tensor], min_size: int = 0):
         self.transform, self.min_size = transform, min_size
+        self.notes: Counter[str] = Counter()  # images with transparency, in this worker
 
     def __call__(self, sample: dict, rng: random.Random | None = None) -> dict:
         key = next((k for k in IMAGE_KEYS if k in sample), None)
@@ -92,6 +103,16 @@ class ImageSampleDecoder:
             if side < self.min_size:
                 raise Skip("too_small")
         with Image.open(io.BytesIO(sample[key])) as img:
+            if has_transparency(img):  # composited here, to be counted; other modes (and JPEG's
+                before = self.notes[TRANSPARENT]  # reduced-scale decoding) are the transform's
+                img = to_rgb(img, self.notes)
+                if before == 0 and self.notes[TRANSPARENT] == 1:
+                    log.info(
+                        "images with transparency are %s (first: %s from %s; said once per worker)",
+                        TRANSPARENCY_NOTE,
+                        sample.get("__key__"),
+                        sample.get("__url__"),
+                    )
             fields = self.transform.sample(img, rng)
         return {**fields, "caption": caption}
 

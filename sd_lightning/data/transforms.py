@@ -4,7 +4,8 @@ device (4x less to move between processes and to the GPU than float32).
 
 JPEGs are decoded at reduced scale where that still leaves at least the target size
 (``Image.draft``: the decoder skips the detail the resize would throw away), which makes large
-web images several times cheaper to load.
+web images several times cheaper to load. Every mode becomes RGB through
+:func:`~sd_lightning.data.images.to_rgb` (16-bit and float pixels scaled, transparency on white).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import random
 import numpy as np
 import torch
 from PIL import Image
+
+from sd_lightning.data.images import to_rgb
 
 
 class ImageTransform:
@@ -32,8 +35,7 @@ class ImageTransform:
         target = (max(self.size, math.ceil(w * scale)), max(self.size, math.ceil(h * scale)))
         if image.format == "JPEG" and scale < 1:
             image.draft("RGB", target)
-        if image.mode != "RGB":  # convert copies even when there is nothing to convert
-            image = image.convert("RGB")
+        image = to_rgb(image)  # any mode, at its true brightness, transparency on white
         if image.size != target:
             image = image.resize(target, Image.Resampling.BICUBIC)
         return image

@@ -59,11 +59,13 @@ def generate(
     final: str = "first",
     batch_size: int = 8,
     device: torch.device | str = "cpu",
+    callback: Callable | None = None,
 ) -> torch.Tensor:
     """Images in [-1, 1], ``(len(prompts), 3, H, W)``, on the CPU.
 
     ``negative_prompt``: one for all prompts, or one per prompt. ``decode(z)`` maps (unscaled) sampling-space latents to images: the caller divides by the
     latent scale there. ``unet(x, t, context)`` is the raw network (EMA weights for sampling).
+    ``callback``: the sampler's, called after every step (a stop request raises from it).
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {sorted(SAMPLERS)}, got {sampler!r}")
@@ -86,7 +88,13 @@ def generate(
         x = initial_noise(chunk_seeds, latent_shape, device, torch.float32)
         generator = torch.Generator(device=device).manual_seed(int(chunk_seeds[0]))
         z = SAMPLERS[sampler](
-            denoiser, x, ts, abar_steps, extra_args={"context": context}, generator=generator
+            denoiser,
+            x,
+            ts,
+            abar_steps,
+            extra_args={"context": context},
+            callback=callback,
+            generator=generator,
         )
         images.append(decode(z).float().clamp(-1, 1).cpu())
     return torch.cat(images)

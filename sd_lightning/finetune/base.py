@@ -78,16 +78,36 @@ def base_reference(path: str) -> dict[str, Any]:
     return {"path": os.path.abspath(path), "sha256": cached_fingerprint(path)}
 
 
-def check_base(saved: dict[str, Any] | None, current: dict[str, Any] | None, where: str) -> None:
-    """A partial checkpoint's base must be the weights it is loaded onto."""
+def check_base(
+    saved: dict[str, Any] | None,
+    current: dict[str, Any] | None,
+    where: str,
+    option: str = "pretrained",
+) -> None:
+    """A partial checkpoint's base must be the weights it is loaded onto; the error names the
+    option that gives them (``pretrained=`` when resuming, ``base=`` when sampling)."""
     if not saved or not current:
         return
     if saved["sha256"] != current["sha256"]:
         raise InputError(
             f"{where} holds adapters trained on {saved['path']} (sha256 {saved['sha256'][:12]}), "
             f"but the base weights now are {current['path']} (sha256 "
-            f"{current['sha256'][:12]}): give pretrained= the weights it was trained on"
+            f"{current['sha256'][:12]}): give {option}= the weights it was trained on"
         )
+
+
+def rebased(config: Any, old: str, new: str) -> Any:
+    """``config`` (plain containers) with every path to the base ``old`` (its VAE, its text
+    encoder, a part inside its folder) pointing to ``new`` instead."""
+    if isinstance(config, dict):
+        return {k: rebased(v, old, new) for k, v in config.items()}
+    if isinstance(config, list):
+        return [rebased(v, old, new) for v in config]
+    if isinstance(config, str) and (
+        config == old or config.startswith(old.rstrip(os.sep) + os.sep)
+    ):
+        return new + config[len(old) :]
+    return config
 
 
 def trained_state(

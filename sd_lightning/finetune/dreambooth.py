@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from sd_lightning import stopping
 from sd_lightning.errors import InputError
 from sd_lightning.finetune.lora import LoRA
 
@@ -169,7 +170,11 @@ class DreamBooth:
             chunk = mine[start : start + batch]
             with torch.autocast(system.device.type, torch.bfloat16, enabled=cuda):
                 images = system.sample_images(
-                    [self.class_prompt] * len(chunk), seeds=chunk, image_size=size, **self.sampler
+                    [self.class_prompt] * len(chunk),
+                    seeds=chunk,
+                    image_size=size,
+                    callback=lambda _: stopping.check("DreamBooth's class images"),
+                    **self.sampler,
                 )
             if write:
                 for i, image in zip(chunk, images):

@@ -45,12 +45,12 @@ def read_embedding(path: str, option: str = "embeddings") -> tuple[str, torch.Te
             "else d; s.save_file({'emb_params': next(iter(p.values())).float().contiguous()}, "
             "'x.safetensors')\""
         )
-    from safetensors import safe_open
-    from safetensors.torch import load_file
+    from sd_lightning.files import read_weight_file
 
-    state = load_file(path)
-    with safe_open(path, framework="pt") as f:
-        meta = f.metadata() or {}
+    found = read_weight_file(path, option, "a textual-inversion embedding (.safetensors)")
+    if found.kind != "safetensors":
+        raise InputError(f"{option}: {path!r} is not a safetensors file (a torch checkpoint)")
+    state, meta = found.tensors(), found.metadata
     stem = os.path.splitext(os.path.basename(path))[0]
     if "emb_params" in state:
         # the word is the file's name (AUTOMATIC1111); ours keep the token it was trained as
@@ -66,7 +66,15 @@ def read_embedding(path: str, option: str = "embeddings") -> tuple[str, torch.Te
             "embeddings (clip_l, clip_g) are not supported yet"
         )
     vectors = vectors.float()
-    return word, vectors[None] if vectors.dim() == 1 else vectors
+    vectors = vectors[None] if vectors.dim() == 1 else vectors
+    if vectors.dim() != 2 or not len(vectors) or not vectors.shape[1]:
+        raise InputError(
+            f"{option}: {path!r} holds a tensor of shape {tuple(vectors.shape)}: an embedding "
+            "is (vectors, width) with at least one vector"
+        )
+    if not torch.isfinite(vectors).all():
+        raise InputError(f"{option}: {path!r}: the vectors hold NaN or infinite values")
+    return word, vectors
 
 
 def load_embeddings(text_encoder: torch.nn.Module, paths: Any) -> list[str]:
@@ -75,6 +83,15 @@ def load_embeddings(text_encoder: torch.nn.Module, paths: Any) -> list[str]:
     words = []
     for path in paths:
         word, vectors = read_embedding(str(path))
+        width = getattr(text_encoder, "width", vectors.shape[1])
+        if vectors.shape[1] != width:
+            family = {768: " (SD 1's)", 1024: " (SD 2's)"}
+            raise InputError(
+                f"embeddings: {path}: {len(vectors)} vector(s) of {vectors.shape[1]} numbers"
+                f"{family.get(vectors.shape[1], '')}, but this text encoder's width is {width}"
+                f"{family.get(width, '')}: an embedding of another family, which this model "
+                "cannot read"
+            )
         try:
             text_encoder.add_embedding(word, len(vectors), vectors)
         except ValueError as e:

@@ -57,6 +57,13 @@ class LoRA:
     ):
         if not isinstance(rank, int) or rank < 1:
             raise InputError(f"finetune.rank={rank!r}: give a whole number >= 1 (e.g. 16)")
+        if alpha is not None and not (isinstance(alpha, (int, float)) and alpha > 0):
+            raise InputError(
+                f"finetune.alpha={alpha!r}: give a positive number (the update is alpha / rank "
+                "* B A: 0 trains adapters that do nothing), or null for the rank"
+            )
+        if not 0 <= float(dropout) < 1:
+            raise InputError(f"finetune.dropout={dropout!r}: give a number in [0, 1)")
         if targets not in TARGETS:
             raise InputError(
                 f"finetune.targets={targets!r}: choose attention, attention_ff or all (LoCon)"

@@ -95,5 +95,32 @@ class TextualInversion:
         )
         return LearnedEmbeddings(self.token, start)
 
+    def prepare(self, system: Any) -> None:
+        """Before the first step: every caption's tokens fit the context with the whole word,
+        else the vectors past it never train; refused where none fits, said where some do not."""
+        data = getattr(system.trainer, "datamodule", None)
+        captions = {i.caption for i in getattr(data, "images", None) or [] if i.caption}
+        encoder = system.text_encoder.net
+        room = encoder.context_length - 2  # start- and end-of-text
+        cut = {}
+        for caption in captions:
+            if self.token not in caption.lower():
+                continue
+            tokens = encoder.tokenizer.encode(encoder.expand([caption.lower()])[0])
+            first = next((i for i, t in enumerate(tokens) if t >= encoder.vocab_size), None)
+            if first is not None and first + self.num_vectors > room:
+                cut[caption] = max(0, room - first)
+        if not cut:
+            return
+        example, fits = next(iter(cut.items()))
+        what = (
+            f"finetune.num_vectors={self.num_vectors}: in {len(cut)} of {len(captions)} captions "
+            f"the word's vectors run past the {room + 2}-token context (only {fits} fit in "
+            f"{example!r}), and those never train"
+        )
+        if len(cut) == len([c for c in captions if self.token in c.lower()]):
+            raise InputError(f"{what}: lower finetune.num_vectors or shorten the captions")
+        log.warning("%s there: shorten those captions or lower finetune.num_vectors", what)
+
     def files(self, system: nn.Module, net: nn.Module, state: dict) -> dict[str, Any]:
         return embedding_files(self.token, system.embeddings.weight.detach().float().cpu())

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
+from sd_lightning import stopping
 from sd_lightning.data.latents import npy_bytes
 from sd_lightning.data.transforms import to_model_range
 from sd_lightning.data.writer import ShardWriter
@@ -75,8 +76,27 @@ class LatentShardWriter(BasePredictionWriter):
         for sample in prediction:
             self._writer.write(sample)
 
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._signals = stopping.install()  # after Lightning's own handlers: ours decide
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, *args) -> None:
+        super().on_predict_batch_end(trainer, pl_module, outputs, batch, batch_idx, *args)
+        stopping.check("stage=encode")  # after the batch's samples are written
+
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._finish(trainer)
+
+    def on_exception(self, trainer: L.Trainer, pl_module, exception: BaseException) -> None:
+        if isinstance(exception, stopping.Stopped) and self._writer is not None:
+            self._finish(trainer)  # what was written: complete shards, their sizes
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        stopping.restore(getattr(self, "_signals", {}))
+        self._signals = {}
+
+    def _finish(self, trainer: L.Trainer) -> None:
         sizes = self._writer.finish()
+        self._writer = None
         with open(os.path.join(self.output, f"sizes-r{trainer.global_rank:03d}.json"), "w") as f:
             json.dump(sizes, f)
 

@@ -146,7 +146,7 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 def load_text_weights(tower: nn.Module, path: str, where: str) -> None:
     """The text tower's tensors of an OpenCLIP weights file (a whole CLIP's; the vision tower's
     are not read) into ``tower``, every one of its keys found with its shape."""
-    from sd_lightning.files import read_weight_file
+    from sd_lightning.files import identify, read_weight_file
     from sd_lightning.weights.read import check_keys
 
     found = read_weight_file(path, where, "an OpenCLIP weights file", mmap=True)
@@ -156,7 +156,11 @@ def load_text_weights(tower: nn.Module, path: str, where: str) -> None:
     own = tower.state_dict()
     prefix = next((p for p in PREFIXES if p + "token_embedding.weight" in state), None)
     if prefix is None:
-        raise InputError(f"{where}={path!r} holds no OpenCLIP text tower (no token_embedding)")
+        what = identify(list(state), found.stage) or "a file without an OpenCLIP text tower"
+        raise InputError(
+            f"{where}={path!r} is {what}, not OpenCLIP weights (no token_embedding): give an "
+            "OpenCLIP weights file, a tag, or SD weights"
+        )
     picked = {k: state[prefix + k] for k in own if prefix + k in state}
     check_keys(tower, picked, f"{where}={path!r}")
     tower.load_state_dict({k: v.float() for k, v in picked.items()})

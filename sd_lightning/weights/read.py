@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from sd_lightning.errors import InputError
-from sd_lightning.files import read_weight_file
+from sd_lightning.files import identify, identify_folder, read_weight_file
 from sd_lightning.weights import configs, layouts
 
 PREFIX = layouts.ORIGINAL_PREFIX
@@ -93,6 +93,10 @@ def _diffusers_part(folder: str, kind: str, option: str, expected: str, meta: bo
         raise InputError(f"{option}={folder!r} has no config.json: give {expected}")
     d = _read_json(config_path)
     where = f"{option}={folder!r}"
+    wanted = {"unet": "UNet2DConditionModel", "vae": "AutoencoderKL"}[kind]
+    name = d.get("_class_name") or next(iter(d.get("architectures") or []), None)
+    if name is not None and name != wanted:
+        raise InputError(f"{where} is {identify_folder(folder)}, not a {kind}: give {expected}")
     if kind == "unet":
         config = configs.unet_config_from_diffusers(d, where)
         blocks = layouts.unet_blocks(config)
@@ -147,9 +151,9 @@ def read_sd_unet(
     state, unet = found
     prefix = PREFIX["unet"]
     if not unet:
+        what = identify(list(state)) or "a file without SD U-Net keys"
         raise InputError(
-            f"{option}={path!r} holds no SD U-Net (no {prefix}* keys; a VAE-only file?): give "
-            f"{expected}"
+            f"{option}={path!r} is {what}, with no SD U-Net (no {prefix}* keys): give {expected}"
         )
     ema = _ema_weights(state, list(unet)) if use_ema else {}
     if use_ema == "auto":  # the copy where the file has a whole one
@@ -197,8 +201,9 @@ def read_sd_vae(path: str, option: str, expected: str, meta: bool = False) -> Pa
     if not vae and "encoder.conv_in.weight" in state:  # a standalone VAE file
         vae = {k: state[k] for k in state if not k.startswith(("model_ema.", "loss."))}
     if not vae:
+        what = identify(list(state)) or "a file without SD VAE keys"
         raise InputError(
-            f"{where} holds no SD VAE (no {prefix}* or encoder.* keys): give {expected}"
+            f"{where} is {what}, with no SD VAE (no {prefix}* or encoder.* keys): give {expected}"
         )
     if "encoder.down_blocks.0.resnets.0.conv1.weight" in vae:  # one diffusers-named file
         raise InputError(

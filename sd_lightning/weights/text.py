@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from sd_lightning.errors import InputError
-from sd_lightning.files import read_weight_file
+from sd_lightning.files import identify, identify_folder, read_weight_file
 from sd_lightning.weights.clip import openclip_from_hf
 from sd_lightning.weights.read import Part, _component_weights, _under
 
@@ -83,6 +83,10 @@ def _read_folder(path: str, option: str, expected: str) -> Part:
         raise InputError(f"{where} has no text_encoder/config.json: give {expected}")
     with open(config_path) as f:
         hf = json.load(f)
+    if "_class_name" in hf:  # diffusers' (a unet/ or vae/ folder), not transformers'
+        raise InputError(
+            f"{where} is {identify_folder(folder)}, not a text encoder: give {expected}"
+        )
     hf = hf.get("text_config", hf)  # a whole CLIPModel's config holds the text part
     state = openclip_from_hf(_component_weights(folder, option, expected), where)
     activation = hf.get("hidden_act", "quick_gelu")  # transformers' CLIPTextConfig default
@@ -130,9 +134,10 @@ def read_sd_text(path: str, option: str, expected: str) -> Part:
         state = {k[len(SD2_PREFIX) :]: raw[k] for k in text}
         family, activation, pad, layer = "sd2", "gelu", "zero", 1
     else:
+        what = identify(list(raw)) or "a file without SD text-encoder keys"
         raise InputError(
-            f"{where} holds no SD text encoder (no {SD1_PREFIX}* or {SD2_PREFIX}* keys): "
-            f"give {expected}, or choose one with text_encoder=..."
+            f"{where} is {what}, with no SD text encoder (no {SD1_PREFIX}* or {SD2_PREFIX}* "
+            f"keys): give {expected}, or choose one with text_encoder=..."
         )
     config = tower_config(
         state,

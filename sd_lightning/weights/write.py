@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
+from sd_lightning.atomic import save_safetensors
 from sd_lightning.weights import configs, layouts
 from sd_lightning.weights.clip import hf_from_openclip
 from sd_lightning.weights.openclip import activation
@@ -147,8 +147,7 @@ def file_metadata(release: Release, text: dict[str, Any] | None) -> dict[str, st
 def write_single_file(release: Release, path: str, dtype: torch.dtype) -> list[str]:
     """Write ``release`` as one original-layout safetensors file; returns what is missing."""
     state, missing, text = single_file_state(release)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    save_file(_cast(state, dtype), path, metadata=file_metadata(release, text))
+    save_safetensors(_cast(state, dtype), path, metadata=file_metadata(release, text))
     return missing
 
 
@@ -161,7 +160,8 @@ def _json(path: str, data: dict[str, Any]) -> None:
 
 def _part(folder: str, name: str, config: dict[str, Any], state: dict, stem: str) -> None:
     _json(os.path.join(folder, name, "config.json"), config)
-    save_file(state, os.path.join(folder, name, f"{stem}.safetensors"), metadata={"format": "pt"})
+    path = os.path.join(folder, name, f"{stem}.safetensors")
+    save_safetensors(state, path, metadata={"format": "pt"})
 
 
 def _text_config(release: Release, layers: int, layout: str, dtype: torch.dtype) -> dict:

@@ -1,0 +1,211 @@
+"""Every option's value checked with the others before anything is built: the data, the fine-tuning
+method, the text encoder's layer, the diffusion settings, and sampling's LoRA files and scales.
+Each error names the option, the value and the fix; all of it reads the config (and at most the
+shapes of a weights file), so a mistake costs a second, not a model build.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from sd_lightning.errors import InputError
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def whole(value: Any, option: str, low: int = 1, example: str = "") -> None:
+    """A whole number of at least ``low``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        hint = f" (e.g. {example})" if example else ""
+        raise InputError(f"{option}={value!r}: give a whole number of at least {low}{hint}")
+
+
+def fraction(value: Any, option: str, top_open: bool = True, what: str = "") -> None:
+    """A number in [0, 1) (or [0, 1])."""
+    ok = _number(value) and 0 <= value and (value < 1 if top_open else value <= 1)
+    if not ok:
+        interval = "[0, 1)" if top_open else "[0, 1]"
+        raise InputError(f"{option}={value!r}: give a number in {interval}{what}")
+
+
+def positive(value: Any, option: str, nullable: bool = False, example: str = "") -> None:
+    if value is None and nullable:
+        return
+    if not _number(value) or not math.isfinite(value) or value <= 0:
+        also = " or null" if nullable else ""
+        hint = f" (e.g. {example})" if example else ""
+        raise InputError(f"{option}={value!r}: give a positive number{also}{hint}")
+
+
+def choice(value: Any, option: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise InputError(f"{option}={value!r}: choose {', '.join(map(str, choices))}")
+
+
+# -- the groups ---------------------------------------------------------------------------------
+def check_data_options(data: DictConfig | None) -> None:
+    if not data:
+        return
+    for key, low in (("batch_size", 1), ("image_size", 8), ("bucket_step", 8), ("repeats", 1)):
+        if data.get(key) is not None:
+            whole(data[key], f"data.{key}", low)
+    if data.get("buckets") and data.get("image_size") and data.get("bucket_step"):
+        if data.image_size % data.bucket_step:
+            raise InputError(
+                f"data.image_size={data.image_size} is not a multiple of data.bucket_step="
+                f"{data.bucket_step}: every bucket's sides are multiples of it"
+            )
+    if data.get("max_aspect") is not None and not (
+        _number(data.max_aspect) and data.max_aspect >= 1
+    ):
+        raise InputError(f"data.max_aspect={data.max_aspect!r}: give a number >= 1 (e.g. 2.0)")
+    for key in ("num_workers", "val_images", "shuffle_buffer"):
+        if data.get(key) is not None:
+            whole(data[key], f"data.{key}", 0)
+
+
+def _lora_options(node: Any, option: str) -> None:
+    if not OmegaConf.is_dict(node) and not isinstance(node, dict):
+        raise InputError(
+            f"{option}={node!r}: give the LoRA's options as a mapping, e.g. "
+            f'"+{option}={{rank: 16}}" (a string is not read as one)'
+        )
+    if "rank" in node:
+        whole(node["rank"], f"{option}.rank", 1, "16")
+    alpha = node.get("alpha")
+    if alpha is not None:
+        positive(alpha, f"{option}.alpha", example="the rank, or half of it")
+    if node.get("dropout") is not None:
+        fraction(node["dropout"], f"{option}.dropout")
+    if node.get("targets") is not None:
+        choice(node["targets"], f"{option}.targets", ("attention", "attention_ff", "all"))
+
+
+def check_finetune_options(finetune: DictConfig | None, context_length: int | None) -> None:
+    if not finetune or not finetune.get("_target_"):
+        return
+    target = str(finetune["_target_"]).rsplit(".", 1)[-1]
+    if target == "LoRA":
+        _lora_options(finetune, "finetune")
+    elif target == "DreamBooth":
+        if finetune.get("lora") is not None:
+            _lora_options(finetune.lora, "finetune.lora")
+        whole(finetune.num_class_images, "finetune.num_class_images", 1)
+        positive(finetune.prior_loss_weight, "finetune.prior_loss_weight")
+        whole(finetune.sampler.steps, "finetune.sampler.steps", 1)
+    elif target == "TextualInversion":
+        whole(finetune.num_vectors, "finetune.num_vectors", 1)
+        room = (context_length or 77) - 2  # start- and end-of-text take two places
+        if finetune.num_vectors > room:
+            raise InputError(
+                f"finetune.num_vectors={finetune.num_vectors}: at most {room} fit in the text "
+                f"encoder's {room + 2}-token context (with the caption's other words, fewer)"
+            )
+
+
+def check_text_layer(text: DictConfig | None) -> None:
+    """``text_encoder.layer``: last, penultimate, auto or a number of blocks the tower has."""
+    if not text:
+        return
+    layer = text.get("layer")
+    if isinstance(layer, str):
+        choice(layer, "text_encoder.layer", ("last", "penultimate", "auto"))
+        return
+    if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
+        raise InputError(
+            f"text_encoder.layer={layer!r}: give last, penultimate, auto or a number of final "
+            "blocks to skip (clip skip 2 is 1)"
+        )
+    blocks = text_blocks(text)
+    if blocks is not None and layer >= blocks:
+        raise InputError(
+            f"text_encoder.layer={layer} skips {layer} of the text encoder's {blocks} blocks: "
+            f"give at most {blocks - 1}"
+        )
+
+
+def text_blocks(text: DictConfig) -> int | None:
+    """How many blocks the configured text tower has, from its config or the names of its
+    OpenCLIP model; ``None`` where only its weights tell (SD weights, checked when read)."""
+    if text.get("random_text_cfg") is not None:
+        return int(text.random_text_cfg.get("layers", 12))
+    pretrained = text.get("pretrained")
+    if pretrained and os.path.exists(str(pretrained)):
+        return None
+    name = text.get("name")
+    if name:
+        import open_clip
+
+        cfg = open_clip.get_model_config(str(name))
+        return int(cfg["text_cfg"]["layers"]) if cfg else None
+    return None
+
+
+def check_model_options(model: DictConfig | None) -> None:
+    if not model or "caption_dropout" not in model:
+        return
+    fraction(model.caption_dropout, "model.caption_dropout")
+    if model.get("prediction") is not None:
+        choice(model.prediction, "model.prediction", ("epsilon", "v_prediction"))
+    scale = model.get("latent_scale")
+    if scale is not None and not (_number(scale) and math.isfinite(scale) and scale > 0):
+        raise InputError(
+            f"model.latent_scale={scale}: give a positive number (SD's VAE: 0.18215), or null to "
+            "estimate it from the first batch"
+        )
+    positive(model.get("min_snr_gamma"), "model.min_snr_gamma", nullable=True, example="5.0")
+    decay = model.get("ema_decay")
+    if decay is not None and not (_number(decay) and 0 < decay < 1):
+        raise InputError(f"model.ema_decay={decay!r}: give a number in (0, 1), or null for no EMA")
+
+
+def _finite_scales(scales: Any, count: int) -> None:
+    values = list(scales) if OmegaConf.is_list(scales) or isinstance(scales, list) else [scales]
+    for value in values:
+        if not _number(value) or not math.isfinite(value):
+            raise InputError(
+                f"lora_scale={scales!r}: give a number (e.g. 0.8) or a list of numbers, one per "
+                "LoRA file"
+            )
+    if len(values) > 1 and len(values) != count:
+        raise InputError(
+            f"lora_scale has {len(values)} values for {count} LoRA files: give one for all, or "
+            "one per file"
+        )
+
+
+def check_add_ons(cfg: DictConfig) -> None:
+    """``lora=``/``lora_scale=``/``embeddings=`` of sampling and export: files that exist,
+    scales that are numbers."""
+    for option in ("lora", "embeddings"):
+        value = cfg.get(option)
+        paths = [value] if isinstance(value, str) else list(value or [])
+        for path in paths:
+            if not isinstance(path, str) or not os.path.isfile(path):
+                raise InputError(f"{option}: {path!r} is not a file (give .safetensors paths)")
+    base = cfg.get("base")
+    if base is not None and not os.path.exists(str(base)):
+        raise InputError(f"base={base!r} does not exist: give the base weights (file or folder)")
+    loras = cfg.get("lora")
+    count = 1 if isinstance(loras, str) else len(loras or [])
+    if cfg.get("lora_scale") is not None:
+        _finite_scales(cfg.lora_scale, count)
+
+
+def check_training_options(cfg: DictConfig) -> None:
+    """The options of a training run, before any model is built."""
+    check_data_options(cfg.get("data"))
+    text = cfg.get("text_encoder")
+    context = None
+    if text and text.get("random_text_cfg") is not None:
+        context = text.random_text_cfg.get("context_length")
+    check_finetune_options(cfg.get("finetune"), context)
+    if cfg.get("stage") == "ldm":
+        check_text_layer(text)
+        check_model_options(cfg.get("model"))
