@@ -204,6 +204,10 @@ def test_textual_inversion_refuses_fsdp_and_known_words(tmp_path, data_dir, base
     assert "Traceback" not in out.stderr
     with pytest.raises(Exception, match="'blue' is already a word of the tokenizer"):
         _train(tmp_path / "b", data_dir, base, photos, *TI, "finetune.token=blue")
+    # a caption that leaves the word's vectors past the 77-token context: they would never train
+    long = "data.caption='" + "a very " * 37 + "<c1>'"
+    with pytest.raises(InputError, match=r"num_vectors=2: in 1 of 1 captions .*\(only 1 fit"):
+        _train(tmp_path / "c", data_dir, base, photos, *TI, long, "trainer.max_steps=1")
 
 
 def test_memory_options_offloaded_text_encoder_and_8bit_adamw(tmp_path, data_dir, vae_ckpt):
