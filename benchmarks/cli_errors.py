@@ -109,7 +109,7 @@ def main() -> None:
 
 `python -m sd_lightning` runs the stage's checks (`preflight:` in `conf/stage/`, with every
 option of the data, the fine-tuning method, the text encoder and sampling in
-`sd_lightning/option_checks.py`) before it imports Lightning or builds a model, so a bad value or
+`sd_lightning/commands/options.py`) before it imports Lightning or builds a model, so a bad value or
 file is one line before any work. Each row is one real process from start to exit (the best of
 {args.repeat}), measured by `.venv/bin/python benchmarks/cli_errors.py --repeat {args.repeat}` on {date.today()}
 ({machine}, no GPU), against a tiny diffusers-written base and a LoRA trained on it. Most of

@@ -159,7 +159,8 @@ def bench_steps(steps: int) -> list[tuple[str, float]]:
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    from sd_lightning.models import AutoencoderKL, OpenCLIPTextEncoder
+    from sd_lightning.conditioning import OpenCLIPTextEncoder
+    from sd_lightning.models import AutoencoderKL
 
     conf = os.path.join(ROOT, "conf")
 

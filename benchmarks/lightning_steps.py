@@ -33,9 +33,9 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import device_info, interleaved, load_preset, md_table, vae_preset, write_result  # noqa: E402
 
-from sd_lightning.checkpoints import save_vae  # noqa: E402
-from sd_lightning.config import compose_config  # noqa: E402
-from sd_lightning.train import train  # noqa: E402
+from sd_lightning.commands.open import save_vae  # noqa: E402
+from sd_lightning.commands.train import train  # noqa: E402
+from sd_lightning.core.config import compose_config  # noqa: E402
 
 
 class StepTimer(L.Callback):

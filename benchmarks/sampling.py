@@ -36,8 +36,8 @@ from harness import (  # noqa: E402
 )
 
 from sd_lightning.diffusion.guidance import generate, initial_noise  # noqa: E402
-from sd_lightning.systems.ldm import make_alphas_cumprod  # noqa: E402
-from sd_lightning.weights.pipeline import SD_SCHEDULER  # noqa: E402
+from sd_lightning.diffusion.schedules import make_alphas_cumprod  # noqa: E402
+from sd_lightning.weights.schedule import SD_SCHEDULER  # noqa: E402
 
 SD_LATENT_SCALE = 0.18215
 

@@ -154,7 +154,7 @@ def write_diffusers_config(folder: str) -> None:
         unet_diffusers_config,
         vae_diffusers_config,
     )
-    from sd_lightning.weights.pipeline import SD_SCHEDULER
+    from sd_lightning.weights.schedule import SD_SCHEDULER
 
     unet_cfg, vae_cfg = (OmegaConf.to_container(c, resolve=True) for c in sd15_configs())
     for c in (unet_cfg, vae_cfg):
@@ -233,7 +233,7 @@ def _setup_sd_system(path: str, tmp: str) -> Callable[[], Any]:
     import sd_lightning.models  # noqa: F401
     import sd_lightning.systems.ldm  # noqa: F401
     import sd_lightning.weights.text  # noqa: F401
-    from sd_lightning.weights.pipeline import load_sd_system
+    from sd_lightning.weights.schedule import load_sd_system
 
     return lambda: load_sd_system(path)
 
@@ -607,7 +607,7 @@ def markdown(
     parts = [
         "# Loading a Stable Diffusion 1.5 single file: time and peak memory",
         "",
-        "How long our loader (`sd_lightning.weights.pipeline.load_sd_system`) takes to turn a "
+        "How long our loader (`sd_lightning.weights.schedule.load_sd_system`) takes to turn a "
         "whole SD 1.5 single file (U-Net, VAE and CLIP ViT-L/14 text encoder, random weights, "
         "original layout as in `v1-5-pruned-emaonly.safetensors`) into our system, and how much "
         "memory it needs on the way, beside the floor (safetensors reading the file), the cost "

@@ -71,7 +71,9 @@ def make_optimizer(params, kind: str, **overrides: Any) -> torch.optim.Optimizer
         return torch.optim.SGD(params, lr=1e-5)
     kwargs = {**optimizer_defaults(), **overrides}
     kwargs["betas"] = tuple(kwargs["betas"])
-    from sd_lightning.optim import adamw  # the run's own factory (AdamW, or 8-bit by config)
+    from sd_lightning.systems.optim import (
+        adamw,  # the run's own factory (AdamW, or 8-bit by config)
+    )
 
     return adamw(params, **kwargs)
 

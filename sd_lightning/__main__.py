@@ -27,9 +27,9 @@ from hydra.utils import get_method
 from omegaconf import DictConfig
 
 import sd_lightning  # noqa: F401 - registers the config resolvers
-from sd_lightning import stopping
-from sd_lightning.console import tidy_console
-from sd_lightning.errors import InputError
+from sd_lightning.core import stopping
+from sd_lightning.core.console import tidy_console
+from sd_lightning.core.errors import InputError
 
 # `key=/data/{000000..012345}.tar`: a WebDataset brace pattern, which Hydra's override grammar would
 # read as a dict. Such values are quoted for Hydra, so shard lists can be passed as users write them.

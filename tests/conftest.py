@@ -11,7 +11,7 @@ import pytest
 from omegaconf import DictConfig
 
 import sd_lightning  # noqa: F401 - registers resolvers
-from sd_lightning import config
+from sd_lightning.core import config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -88,7 +88,7 @@ def data_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def vae_ckpt(tmp_path_factory, data_dir) -> Path:
     """A stage-1 checkpoint of the tiny VAE (two real training steps), shared by stage-2 tests."""
-    from sd_lightning.train import train
+    from sd_lightning.commands.train import train
 
     run = tmp_path_factory.mktemp("vae_run")
     train(compose_config([*TINY, "trainer.max_steps=2"], run, data_dir))
@@ -160,14 +160,14 @@ def run_ldm_two_ranks(run: Path, data_dir, vae_ckpt, *overrides: str, trainer: s
         env={
             "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])
         },
-        timeout=300,
+        timeout=600,  # three such runs start together in test_fsdp (six processes, two cores)
     )
 
 
 @pytest.fixture(scope="session")
 def ldm_ckpt(tmp_path_factory, data_dir, vae_ckpt) -> Path:
     """A stage-2 checkpoint of the tiny U-Net (one real training step) on :func:`vae_ckpt`."""
-    from sd_lightning.train import train
+    from sd_lightning.commands.train import train
 
     run = tmp_path_factory.mktemp("ldm_run")
     train(compose_config([*LDM_TINY, f"vae_ckpt={vae_ckpt}", "trainer.max_steps=1"], run, data_dir))

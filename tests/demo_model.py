@@ -26,8 +26,8 @@ class DemoModel:
 
 
 def train_demo_model(root: Path, data_dir: Path) -> DemoModel:
-    from sd_lightning.export import export
-    from sd_lightning.train import train
+    from sd_lightning.commands.export import export
+    from sd_lightning.commands.train import train
 
     vae_run, ldm_run = root / "vae", root / "ldm"
     train(

@@ -11,7 +11,7 @@ import torch
 
 from sd_lightning.models import AutoencoderKL
 from sd_lightning.weights.configs import unet_diffusers_config, vae_diffusers_config
-from sd_lightning.weights.pipeline import SD_SCHEDULER
+from sd_lightning.weights.schedule import SD_SCHEDULER
 from sd_lightning.weights.tokenizer import write_clip_tokenizer
 
 HINT = "SD weights"

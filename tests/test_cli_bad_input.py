@@ -18,8 +18,8 @@ import torch
 from conftest import DATA_TINY, run_cli_all
 from safetensors.torch import load_file, save_file
 
-from sd_lightning.atomic import save_safetensors
-from sd_lightning.files import read_weight_file
+from sd_lightning.core.atomic import save_safetensors
+from sd_lightning.weights.files import read_weight_file
 
 pytestmark = pytest.mark.slow
 
@@ -55,7 +55,7 @@ def photos(tmp_path_factory):
 def lora_run(tmp_path_factory, data_dir, base):
     from conftest import compose_config
 
-    from sd_lightning.train import train
+    from sd_lightning.commands.train import train
 
     run = tmp_path_factory.mktemp("lora_run")
     overrides = [*DATA_TINY, "experiment=lora", f"pretrained={base}", "finetune.rank=4"]

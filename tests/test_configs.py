@@ -89,7 +89,7 @@ def test_experiments_and_stage_build_system_and_data(cfg_factory, option, vae_ck
         cfg = cfg_factory(*base, *overrides, f"vae_ckpt={vae_ckpt}", tiny=False)
         system = instantiate(cfg.model)
         assert system.automatic_optimization is True
-        assert system.unet.config["context_dim"] == system.text_encoder.net.width
+        assert system.unet.config["context_dim"] == system.conditioner.text_encoder.width
     else:
         # an experiment may switch LPIPS off (perceptual: null): then there is no trunk to set
         base = [o for o in TINY if not (option and o.startswith("loss.perceptual."))]

@@ -11,12 +11,12 @@ import torch
 from conftest import DATA_TINY, LDM_TINY, compose_config, run_cli
 from hydra.utils import instantiate
 
-from sd_lightning.checkpoints import load_vae
+from sd_lightning.commands.open import load_vae
+from sd_lightning.commands.train import train
 from sd_lightning.data.latents import LatentSampleDecoder
 from sd_lightning.data.pipeline import ShardPipeline
 from sd_lightning.data.shards import expand_urls
 from sd_lightning.data.transforms import to_model_range
-from sd_lightning.train import train
 
 pytestmark = pytest.mark.slow
 

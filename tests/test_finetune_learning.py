@@ -17,6 +17,8 @@ import pytest
 from conftest import compose_config
 from PIL import Image, ImageDraw
 
+from sd_lightning.commands.open import load_ldm
+from sd_lightning.commands.train import train
 from sd_lightning.data.demo import (
     COLORS,
     POSITIONS,
@@ -25,9 +27,7 @@ from sd_lightning.data.demo import (
     dominant_color,
     draw_shape,
 )
-from sd_lightning.sample import load_ldm
-from sd_lightning.systems.images import to_uint8
-from sd_lightning.train import train
+from sd_lightning.data.images import to_uint8
 
 pytestmark = pytest.mark.slow
 

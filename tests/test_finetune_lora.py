@@ -9,7 +9,7 @@ import torch
 from conftest import DATA_TINY, compose_config
 from safetensors.torch import load_file
 
-from sd_lightning.errors import InputError
+from sd_lightning.core.errors import InputError
 
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("peft")
@@ -31,7 +31,7 @@ def base(small_base):
 
 
 def _train(run, data_dir, base, *more):
-    from sd_lightning.train import train
+    from sd_lightning.commands.train import train
 
     return train(compose_config([*LORA, f"pretrained={base}", *more], run, data_dir))
 
@@ -44,7 +44,7 @@ def _inputs():
 def test_lora_checkpoints_hold_the_adapters_and_diffusers_loads_both_exports(
     tmp_path, data_dir, base
 ):
-    from sd_lightning.sample import apply_loras, load_ldm
+    from sd_lightning.commands.open import apply_loras, load_ldm
 
     run = tmp_path / "run"
     _train(run, data_dir, base, "trainer.max_steps=3")
@@ -79,7 +79,7 @@ def test_lora_checkpoints_hold_the_adapters_and_diffusers_loads_both_exports(
 def test_a_text_encoder_lora_exports_what_diffusers_loads_into_both_networks(
     tmp_path, data_dir, base
 ):
-    from sd_lightning.sample import apply_loras, load_ldm
+    from sd_lightning.commands.open import apply_loras, load_ldm
 
     run = tmp_path / "run"
     _train(run, data_dir, base, "trainer.max_steps=3", "finetune.text_encoder=true")
@@ -116,7 +116,7 @@ def test_a_text_encoder_lora_exports_what_diffusers_loads_into_both_networks(
 def test_a_text_encoder_lora_on_latent_shards_trains_the_text_adapters(tmp_path, data_dir, base):
     """Stored text states cannot train the text encoder's adapters: with them trained, captions
     are encoded in every step (the exported up-weights leave zero)."""
-    from sd_lightning.encode import encode
+    from sd_lightning.commands.encode import encode
 
     latents = tmp_path / "latents"
     written = encode(
@@ -209,7 +209,7 @@ def test_lora_under_fsdp_matches_ddp_and_its_sharded_checkpoint_exports_merged(
     # base with the adapters merged, as diffusers applies the exported LoRA file
     last = tmp_path / "fsdp" / "checkpoints" / "last.ckpt"
     assert last.is_dir()
-    from sd_lightning.export import export
+    from sd_lightning.commands.export import export
 
     out = tmp_path / "merged"
     export(

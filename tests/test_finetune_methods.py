@@ -15,7 +15,7 @@ from conftest import compose_config
 from PIL import Image
 from safetensors.torch import load_file
 
-from sd_lightning.errors import InputError
+from sd_lightning.core.errors import InputError
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -62,7 +62,7 @@ def photos(tmp_path_factory):
 
 
 def _train(run, data_dir, base, photos, *overrides):
-    from sd_lightning.train import train
+    from sd_lightning.commands.train import train
 
     return train(
         compose_config(
@@ -76,9 +76,9 @@ def _train(run, data_dir, base, photos, *overrides):
 def test_textual_inversion_trains_its_vectors_only_and_diffusers_reads_both_exports(
     tmp_path, data_dir, base, photos
 ):
+    from sd_lightning.commands.open import load_ldm
+    from sd_lightning.conditioning.text_encoder import OpenCLIPTextEncoder
     from sd_lightning.finetune.embedding_files import load_embeddings
-    from sd_lightning.models.text_encoder import OpenCLIPTextEncoder
-    from sd_lightning.sample import load_ldm
 
     run = tmp_path / "run"
     _train(run, data_dir, base, photos, *TI, "trainer.max_steps=3")
@@ -124,8 +124,8 @@ def test_a_textual_inversion_run_resumes_bit_exactly_mid_epoch(tmp_path, data_di
 
 
 def test_sampling_reads_embeddings_and_refuses_pickled_ones(tmp_path, data_dir, base):
+    from sd_lightning.commands.sample import sample
     from sd_lightning.finetune.embedding_files import embedding_files, read_embedding
-    from sd_lightning.sample import sample
 
     vectors = torch.randn(3, 64)
     stem, (tensors, _) = next(iter(embedding_files("<wx9>", vectors).items()))
@@ -154,8 +154,8 @@ def test_sampling_reads_embeddings_and_refuses_pickled_ones(tmp_path, data_dir, 
 
 
 def test_dreambooth_class_images_come_from_the_base_model_once(tmp_path, data_dir, base, photos):
-    from sd_lightning.sample import load_ldm
-    from sd_lightning.systems.images import to_uint8
+    from sd_lightning.commands.open import load_ldm
+    from sd_lightning.data.images import to_uint8
 
     run = tmp_path / "run"
     # dropout, which only eval mode turns off, must not reach the class images
@@ -214,17 +214,19 @@ def test_memory_options_offloaded_text_encoder_and_8bit_adamw(tmp_path, data_dir
     from conftest import LDM_TINY
     from hydra.utils import instantiate
 
-    from sd_lightning.optim import adamw
+    from sd_lightning.systems.optim import adamw
 
     cfg = compose_config(
         [*LDM_TINY, f"vae_ckpt={vae_ckpt}", "model.offload_text_encoder=true"], tmp_path, data_dir
     )
     system = instantiate(cfg.model).to(torch.float64)
-    assert next(system.text_encoder.net.parameters()).dtype == torch.float32  # left where it was
+    assert (
+        next(system.conditioner.text_encoder.parameters()).dtype == torch.float32
+    )  # left where it was
     captions = ["a red circle", "a blue square", "a red circle"]
     states = system.encode_text(captions)
-    assert len(system._text_cache) == 2  # each caption encoded once
-    torch.testing.assert_close(states, system.text_encoder.net(captions), atol=0, rtol=0)
+    assert len(system.conditioner._cache) == 2  # each caption encoded once
+    torch.testing.assert_close(states, system.conditioner.text_encoder(captions), atol=0, rtol=0)
     with pytest.raises(InputError, match="eight_bit=true needs the parameters on a CUDA GPU"):
         adamw([torch.nn.Parameter(torch.zeros(2))], eight_bit=True, lr=1e-4)
     with pytest.raises(Exception, match="offload_text_encoder=true .* textual inversion"):

@@ -18,9 +18,9 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+from sd_lightning.core.errors import InputError
 from sd_lightning.data.buckets import batches_in_epoch, bucket_sizes
 from sd_lightning.data.folder import FolderDataModule
-from sd_lightning.errors import InputError
 
 SIZES = {  # name: (width, height)
     "portrait": (60, 100),
@@ -151,7 +151,7 @@ def test_shards_bucket_too_every_batch_one_shape(tmp_path):
 def test_the_command_line_checks_the_folder_before_building_anything(tmp_path):
     from conftest import compose_config
 
-    from sd_lightning.preflight import check_training
+    from sd_lightning.commands.preflight import check_training
 
     base = ["experiment=lora", "pretrained=/models/sd.safetensors", "data=folder"]
     with pytest.raises(InputError, match=r"needs data.path=\.\.\. \(data=folder: data.path="):

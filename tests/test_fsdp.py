@@ -12,11 +12,11 @@ import torch.distributed as dist
 from conftest import TINY, read_metrics, run_cli, run_ldm_two_ranks
 from safetensors.torch import load_file
 
+from sd_lightning.commands.open import load_ldm
+from sd_lightning.commands.resume import newest_checkpoint, resolve_ckpt_path
 from sd_lightning.models.ema import EMA
 from sd_lightning.models.parallel import fully_shard_unet, is_dtensor, mixed_precision_policy
 from sd_lightning.models.unet import UNetModel
-from sd_lightning.resume import newest_checkpoint, resolve_ckpt_path
-from sd_lightning.sample import load_ldm
 
 TINY_UNET = dict(
     model_channels=32,
@@ -92,7 +92,7 @@ def test_bf16_policy_computes_in_bf16_and_keeps_fp32_weights(one_rank_mesh):
 def test_bad_dtypes_name_the_choices():
     with pytest.raises(ValueError, match=r"param_dtype='bf16': choose one of \['bfloat16'"):
         mixed_precision_policy("bf16")
-    from sd_lightning.strategy import FSDP2Strategy
+    from sd_lightning.systems.strategy import FSDP2Strategy
 
     with pytest.raises(ValueError, match="reduce_dtype='fp32'"):
         FSDP2Strategy(reduce_dtype="fp32")

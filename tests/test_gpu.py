@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import DATA_TINY, LDM_TINY, TINY, read_metrics, run_cli
 
-from sd_lightning.checkpoints import save_vae
+from sd_lightning.commands.open import save_vae
 from sd_lightning.models import AutoencoderKL
 
 pytestmark = [
@@ -220,7 +220,7 @@ def test_folder_fine_tunes_on_gpu_text_encoder_offloaded(tmp_path):
     from PIL import Image
     from sd_fixtures import SMALL_UNET, SMALL_VAE, pipeline_folder
 
-    from sd_lightning.sample import load_ldm
+    from sd_lightning.commands.open import load_ldm
 
     base, *_ = pipeline_folder(tmp_path / "base", SMALL_UNET, SMALL_VAE, 16)
     photos = tmp_path / "photos"
@@ -246,7 +246,7 @@ def test_folder_fine_tunes_on_gpu_text_encoder_offloaded(tmp_path):
         _on_gpu_in_bf16(log)
         _losses_finite(tmp_path / name)
     system = load_ldm(str(tmp_path / "dreambooth" / "checkpoints" / "last.ckpt")).to("cuda")
-    assert system.text_encoder.offload
-    assert next(system.text_encoder.net.parameters()).device.type == "cpu"
+    assert system.conditioner.text.offload
+    assert next(system.conditioner.text_encoder.parameters()).device.type == "cpu"
     assert system.encode_text(["a photo", "a photo"]).device.type == "cuda"
-    assert len(system._text_cache) == 1  # encoded once on the CPU, kept on the GPU
+    assert len(system.conditioner._cache) == 1  # encoded once on the CPU, kept on the GPU

@@ -16,11 +16,11 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
+from sd_lightning.core.errors import InputError
 from sd_lightning.data.buckets import BucketTransform
-from sd_lightning.data.images import image_files, read_folder
+from sd_lightning.data.folder_files import image_files, read_folder
 from sd_lightning.data.pipeline import ShardPipeline
 from sd_lightning.data.transforms import ImageTransform
-from sd_lightning.errors import InputError
 
 WHITE, RED = (255, 255, 255), (200, 10, 10)
 MID = 32896  # 16-bit mid-grey: 128 * 257

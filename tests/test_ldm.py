@@ -7,10 +7,9 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from sd_lightning.checkpoints import load_vae
-from sd_lightning.files import WeightFileError
-from sd_lightning.sample import load_ldm
-from sd_lightning.train import train
+from sd_lightning.commands.open import load_ldm, load_vae
+from sd_lightning.commands.train import train
+from sd_lightning.weights.files import WeightFileError
 
 
 def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -21,7 +20,7 @@ def test_training_moves_only_the_unet_and_the_ema_follows(ldm_cfg_factory):
     cfg = ldm_cfg_factory("trainer.max_steps=3", "model.ema_decay=0.5")
     system = instantiate(cfg.model)
     vae0, unet0 = _state(system.vae), _state(system.unet)
-    text0 = _state(system.text_encoder.net)
+    text0 = _state(system.conditioner.text_encoder)
     assert torch.isnan(system.latent_scale)
 
     import lightning as L
@@ -33,7 +32,7 @@ def test_training_moves_only_the_unet_and_the_ema_follows(ldm_cfg_factory):
     assert trainer.global_step == 3
     for k, v in _state(system.vae).items():
         assert torch.equal(v, vae0[k]), f"frozen VAE weight {k} changed"
-    for k, v in _state(system.text_encoder.net).items():
+    for k, v in _state(system.conditioner.text_encoder).items():
         assert torch.equal(v, text0[k]), f"frozen text encoder weight {k} changed"
     moved = [k for k, v in _state(system.unet).items() if not torch.equal(v, unet0[k])]
     assert moved, "the U-Net did not train"

@@ -16,7 +16,7 @@ import torch
 from conftest import DATA_TINY, compose_config
 from safetensors.torch import load_file, save_file
 
-from sd_lightning.errors import InputError
+from sd_lightning.core.errors import InputError
 from sd_lightning.finetune.lora_files import kohya_metadata
 from sd_lightning.weights import layouts
 
@@ -54,7 +54,7 @@ def _theirs(pipe):
 
 
 def _ours(base, files, **load):
-    from sd_lightning.sample import apply_loras, load_ldm
+    from sd_lightning.commands.open import apply_loras, load_ldm
 
     system = load_ldm(str(base))
     apply_loras(system, [str(f) for f in files], 1.0)
@@ -195,7 +195,7 @@ def a1111_version(metadata: dict[str, str]) -> str:
 def test_comfyui_takes_every_tensor_of_both_our_lora_files(tmp_path, data_dir, base):
     from safetensors import safe_open
 
-    from sd_lightning.train import train
+    from sd_lightning.commands.train import train
 
     run = tmp_path / "run"
     train(
@@ -246,7 +246,7 @@ def test_kohya_metadata_files_a_lora_under_its_family(
 
 
 def test_lora_files_we_cannot_apply_whole_are_refused_naming_the_tensor(tmp_path, base):
-    from sd_lightning.sample import apply_loras, load_ldm
+    from sd_lightning.commands.open import apply_loras, load_ldm
 
     path = _diffusers_script_lora(base, tmp_path / "lora", 4)
     good = load_file(path)

@@ -11,7 +11,7 @@ import torch
 from conftest import run_ldm_two_ranks
 
 pytestmark = pytest.mark.slow
-FSDP = "{_target_:sd_lightning.strategy.FSDP2Strategy}"  # trainer=fsdp's strategy, here on trainer=debug
+FSDP = "{_target_:sd_lightning.systems.strategy.FSDP2Strategy}"  # trainer=fsdp's strategy, here on trainer=debug
 
 
 def _run(tmp_path, vae_ckpt, data_dir, *extra: str):

@@ -11,8 +11,8 @@ import pytest
 import torch
 from conftest import run_ldm_two_ranks
 
-from sd_lightning.resume import checkpoint_step
-from sd_lightning.train import train
+from sd_lightning.commands.resume import checkpoint_step
+from sd_lightning.commands.train import train
 
 pytestmark = pytest.mark.slow
 SIGNAL_AT = "+callbacks.fault._target_=fault_injection.SignalAt"

@@ -8,9 +8,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from sd_lightning.commands.open import load_ldm
 from sd_lightning.data.demo import COLORS, POSITIONS, SHAPES, prompt_following
-from sd_lightning.sample import load_ldm
-from sd_lightning.systems.images import to_uint8
+from sd_lightning.data.images import to_uint8
 
 pytestmark = pytest.mark.slow
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 from conftest import LDM_TINY, TINY, compose_config
 
-from sd_lightning.checkpoint_io import AtomicCheckpointIO
-from sd_lightning.resume import newest_checkpoint, resolve_ckpt_path
-from sd_lightning.train import train
+from sd_lightning.commands.resume import newest_checkpoint, resolve_ckpt_path
+from sd_lightning.commands.train import train
+from sd_lightning.systems.checkpoint_io import AtomicCheckpointIO
 
 pytestmark = pytest.mark.slow
 

@@ -11,7 +11,7 @@ from conftest import compose_config, run_cli_all
 from safetensors import safe_open
 from sd_fixtures import UNETS, pipeline_folder, randomize
 
-from sd_lightning.export import export
+from sd_lightning.commands.export import export
 from sd_lightning.models import AutoencoderKL, UNetModel
 from sd_lightning.weights.layouts import to_original
 
@@ -118,8 +118,8 @@ def test_an_sd2_file_exports_a_folder_whose_text_encoder_ends_where_sd_reads(tmp
 
 
 def test_a_trained_checkpoint_exports_what_samples_the_same_in_diffusers(tmp_path, ldm_ckpt):
+    from sd_lightning.commands.open import load_ldm
     from sd_lightning.diffusion.guidance import initial_noise
-    from sd_lightning.sample import load_ldm
 
     out = tmp_path / "tiny-diffusers"
     result = _export(tmp_path, ldm_ckpt, "diffusers", out)
@@ -184,8 +184,9 @@ def test_export_options_are_checked_before_anything_is_read(tmp_path, ldm_ckpt):
 def test_what_our_single_file_records_is_read_back_how_it_samples(tmp_path, ldm_ckpt, caplog):
     """A v-prediction model's single file loads as such (its metadata: the weights cannot show
     it), and a latent scale unlike SD's (a VAE trained here) is recorded, read back and said."""
-    from sd_lightning.weights.pipeline import load_sd_system, recorded
     from sd_lightning.weights.read import read_sd_vae
+    from sd_lightning.commands.open import load_sd_system
+    from sd_lightning.weights.schedule import recorded
 
     folder, *_ = pipeline_folder(tmp_path, prediction="v_prediction")
     single = tmp_path / "v.safetensors"

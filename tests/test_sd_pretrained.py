@@ -14,8 +14,9 @@ from hydra.utils import instantiate
 from safetensors.torch import save_file
 from sd_fixtures import SMALL_UNET, SMALL_VAE, UNETS, pipeline_folder, randomize
 
+from sd_lightning.commands import pretrained
 from sd_lightning.models import AutoencoderKL, UNetModel
-from sd_lightning.weights import layouts, pretrained
+from sd_lightning.weights import layouts
 from sd_lightning.weights.configs import unet_config_from_diffusers
 from sd_lightning.weights.layouts import to_original
 
@@ -41,8 +42,8 @@ def _ours(diffusers_net, config, blocks):
 
 
 def test_stage2_fine_tunes_a_diffusers_folder_resumes_and_samples(tmp_path, data_dir):
-    from sd_lightning.sample import load_ldm
-    from sd_lightning.train import train
+    from sd_lightning.commands.open import load_ldm
+    from sd_lightning.commands.train import train
 
     folder, unet, vae, *_ = pipeline_folder(tmp_path, SMALL_UNET, SMALL_VAE, sample_size=16)
     config = unet_config_from_diffusers(dict(unet.config), "test")
@@ -124,7 +125,9 @@ def test_a_single_files_ema_copy_starts_the_ema_and_its_online_weights_the_unet(
     assert cfg.unet.context_dim == 768 and cfg.unet.channel_mult == [1, 2]
     assert cfg.text_encoder.pretrained == str(path) and cfg.text_encoder.layer == "auto"
     system = instantiate(cfg.model)
-    assert system.text_encoder.net.width == 768 and system.text_encoder.net.pad_eot  # SD 1's CLIP
+    assert (
+        system.conditioner.text_encoder.width == 768 and system.conditioner.text_encoder.pad_eot
+    )  # SD 1's CLIP
     pretrained.load(system, cfg, resume=None)
     for key, value in unet.state_dict().items():
         assert torch.equal(system.unet.state_dict()[key], value), key
@@ -134,7 +137,7 @@ def test_a_single_files_ema_copy_starts_the_ema_and_its_online_weights_the_unet(
 
 
 def test_stage1_fine_tunes_sds_vae_decoder_and_stage2_keeps_its_latent_scale(tmp_path, data_dir):
-    from sd_lightning.train import train
+    from sd_lightning.commands.train import train
 
     folder, _, vae, *_ = pipeline_folder(tmp_path, SMALL_UNET, SMALL_VAE, sample_size=16)
     run = tmp_path / "vae_run"
@@ -202,7 +205,7 @@ def test_bad_pretrained_files_name_the_file_and_the_fix(tmp_path, ldm_ckpt):
 def test_pretrained_v_prediction_weights_fine_tune_with_their_target(tmp_path, data_dir, caplog):
     """``model.prediction`` (null) follows what the weights record: a folder's scheduler, our
     single file's metadata; set against the record, it stays and is said."""
-    from sd_lightning.export import export
+    from sd_lightning.commands.export import export
 
     folder, *_ = pipeline_folder(tmp_path, SMALL_UNET, SMALL_VAE, 16, prediction="v_prediction")
     single = tmp_path / "v.safetensors"

@@ -12,7 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from sd_fixtures import pipeline_folder
 
-from sd_lightning.models import OpenCLIPTextEncoder
+from sd_lightning.conditioning import OpenCLIPTextEncoder
 from sd_lightning.weights.clip import openclip_from_hf
 from sd_lightning.weights.openclip import activation, tag_quick_gelu, text_tower
 
@@ -121,7 +121,7 @@ def test_a_diffusers_folders_text_encoder_is_read_by_every_size_its_config_recor
 def _export_single(tmp_path, folder, *more: str):
     from conftest import compose_config
 
-    from sd_lightning.export import export
+    from sd_lightning.commands.export import export
 
     out = tmp_path / "exported.safetensors"
     cfg = compose_config(
@@ -160,7 +160,7 @@ def test_an_openclip_tag_not_in_the_cache_fails_at_once_offline(tmp_path, monkey
 
     from huggingface_hub import constants
 
-    from sd_lightning.errors import InputError
+    from sd_lightning.core.errors import InputError
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # never a download in tests
     start = time.monotonic()

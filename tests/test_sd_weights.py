@@ -13,14 +13,14 @@ import torch
 from safetensors.torch import save_file
 from sd_fixtures import HINT, UNETS, VAE, clip_model, pipeline_folder, randomize
 
-from sd_lightning.checkpoints import load_vae
-from sd_lightning.errors import InputError
+from sd_lightning.commands.open import load_vae
+from sd_lightning.core.errors import InputError
 from sd_lightning.models import AutoencoderKL, UNetModel
 from sd_lightning.weights import layouts
 from sd_lightning.weights.configs import unet_diffusers_config, vae_diffusers_config
 from sd_lightning.weights.layouts import to_original
-from sd_lightning.weights.pipeline import SD_SCHEDULER
 from sd_lightning.weights.read import check_keys, read_sd_unet, read_sd_vae
+from sd_lightning.weights.schedule import SD_SCHEDULER
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -194,7 +194,7 @@ def test_full_size_layouts_map_every_key_both_ways_without_allocating(preset):
 def test_stage2_trains_on_sds_vae_with_the_familys_latent_scale(tmp_path, data_dir):
     from conftest import LDM_TINY, compose_config
 
-    from sd_lightning.train import train
+    from sd_lightning.commands.train import train
 
     config = {**AutoencoderKL(**VAE).config, "resolution": 32}
     randomize(diffusers.AutoencoderKL(**vae_diffusers_config(config))).save_pretrained(
@@ -250,7 +250,7 @@ def test_clip_text_model_weights_run_in_openclips_tower_with_the_same_states():
 
 def test_sd1_text_encoder_from_a_folder_or_a_single_file_equals_transformers(tmp_path):
     transformers = pytest.importorskip("transformers")
-    from sd_lightning.models import OpenCLIPTextEncoder
+    from sd_lightning.conditioning import OpenCLIPTextEncoder
 
     theirs = clip_model(transformers, heads=1)  # single files assume 64-wide heads, as SD's
     theirs.save_pretrained(tmp_path / "pipe" / "text_encoder")
@@ -278,7 +278,7 @@ def test_sd2_text_encoder_from_a_single_file_reads_openclips_names_at_the_penult
 ):
     from open_clip.transformer import TextTransformer
 
-    from sd_lightning.models import OpenCLIPTextEncoder
+    from sd_lightning.conditioning import OpenCLIPTextEncoder
 
     tower = randomize(TextTransformer(width=64, heads=1, layers=3, output_dim=64))
     state = {"cond_stage_model.model." + k: v for k, v in tower.state_dict().items()}
@@ -313,8 +313,8 @@ def _scheduler(sampler: str):
 
 @pytest.mark.parametrize("sampler", ["ddim", "dpmpp_2m"])
 def test_sampling_from_a_diffusers_folder_equals_stable_diffusion_pipeline(tmp_path, sampler):
+    from sd_lightning.commands.open import load_ldm
     from sd_lightning.diffusion.guidance import initial_noise
-    from sd_lightning.sample import load_ldm
 
     folder, unet, vae, text, _ = pipeline_folder(tmp_path)
     scheduler = _scheduler(sampler)
@@ -328,8 +328,8 @@ def test_sampling_from_a_diffusers_folder_equals_stable_diffusion_pipeline(tmp_p
     )
 
     def embed(caption: str) -> torch.Tensor:  # SD 1's tokens: padded with end-of-text
-        tokens = system.text_encoder.net.tokenizer([caption])
-        eot = system.text_encoder.net.tokenizer.eot_token_id
+        tokens = system.conditioner.text_encoder.tokenizer([caption])
+        eot = system.conditioner.text_encoder.tokenizer.eot_token_id
         with torch.no_grad():
             return text(input_ids=torch.where((tokens == eot).cumsum(-1) > 0, eot, tokens))[0]
 

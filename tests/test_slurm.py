@@ -30,7 +30,7 @@ def slurm(tmp_path_factory):
     cluster.stop()
 
 
-STRATEGIES = {"ddp": "ddp", "fsdp": "{_target_:sd_lightning.strategy.FSDP2Strategy}"}
+STRATEGIES = {"ddp": "ddp", "fsdp": "{_target_:sd_lightning.systems.strategy.FSDP2Strategy}"}
 
 
 def _cpu_overrides(data_dir: Path, vae_ckpt: Path, strategy: str = "ddp") -> list[str]:

@@ -14,8 +14,8 @@ import pytest
 from conftest import TINY, start_cli
 from PIL import Image
 
-from sd_lightning import stopping
-from sd_lightning.data.images import read_folder
+from sd_lightning.core import stopping
+from sd_lightning.data.folder_files import read_folder
 
 pytestmark = pytest.mark.slow
 

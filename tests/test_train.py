@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from sd_lightning.train import train
+from sd_lightning.commands.train import train
 
 
 def test_train_without_logger_returns_metrics_and_writes_checkpoint(cfg_factory, tmp_path):

@@ -9,7 +9,8 @@ from conftest import CONF
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from sd_lightning.models import EMA, AutoencoderKL, OpenCLIPTextEncoder, UNetModel
+from sd_lightning.conditioning import OpenCLIPTextEncoder
+from sd_lightning.models import EMA, AutoencoderKL, UNetModel
 from sd_lightning.weights.configs import unet_diffusers_config, vae_diffusers_config
 from sd_lightning.weights.layouts import to_original
 
@@ -236,3 +237,48 @@ def test_speed_options_keep_the_function():
         assert norm(h).dtype == torch.bfloat16
         ref.set_fp32_norms(True)  # autocast's own choice (float32 on CUDA, bf16 on the CPU)
         assert norm(h).dtype == plain(h).dtype
+
+
+def test_a_vector_condition_enters_through_label_emb_and_guidance_carries_it():
+    """``adm_in_channels`` (SGM's; SDXL's pooled text and sizes, class labels): a vector added to
+    the time embedding through ``label_emb.0.{0,2}``; samplers and guidance pass it on, the
+    unconditional half with its own vector."""
+    from sd_lightning.diffusion.conditions import Conditions
+    from sd_lightning.diffusion.guidance import generate
+    from sd_lightning.diffusion.schedules import make_alphas_cumprod
+
+    torch.manual_seed(0)
+    unet = _small_unet(adm_in_channels=6).eval()
+    assert {"label_emb.0.0.weight", "label_emb.0.2.weight"} <= set(unet.state_dict())
+    assert unet.config["adm_in_channels"] == 6 and "adm_in_channels" not in _small_unet().config
+    for p in unet.parameters():  # zero-initialised outputs would hide the time embedding
+        torch.nn.init.normal_(p, std=0.1)
+    x, t, ctx = torch.randn(2, 4, 8, 8), torch.tensor([10, 500]), torch.randn(2, 5, 24)
+    y = torch.randn(2, 6)
+    with torch.no_grad():
+        assert not torch.allclose(unet(x, t, ctx, y), unet(x, t, ctx, torch.zeros(2, 6)))
+    with pytest.raises(ValueError, match="takes a vector condition y"):
+        unet(x, t, ctx)
+    vectors = {"a": torch.ones(6), "": torch.zeros(6)}
+
+    def encode(prompts):
+        return Conditions(
+            torch.ones(len(prompts), 5, 24), torch.stack([vectors[p] for p in prompts])
+        )
+
+    def images(uncond_vector):
+        vectors[""] = uncond_vector
+        return generate(
+            unet=unet,
+            decode=lambda z: z[:, :3],
+            encode_text=encode,
+            prompts=["a"],
+            seeds=[0],
+            abar=make_alphas_cumprod(),
+            prediction="epsilon",
+            latent_shape=(4, 8, 8),
+            steps=2,
+            guidance=3.0,
+        )
+
+    assert not torch.allclose(images(torch.zeros(6)), images(torch.ones(6) * 3))

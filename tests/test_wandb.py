@@ -7,7 +7,7 @@ import logging
 import pytest
 from conftest import TINY, run_cli
 
-from sd_lightning.train import train
+from sd_lightning.commands.train import train
 
 pytestmark = pytest.mark.slow
 
@@ -61,7 +61,7 @@ def test_unreachable_server_falls_back_to_offline(tmp_path):
 
 def test_run_directory_keeps_its_wandb_run_id(tmp_path):
     """A requeued or resumed job logs into the same wandb run: the id lives in the run dir."""
-    from sd_lightning.loggers import run_id
+    from sd_lightning.systems.loggers import run_id
 
     first = run_id(str(tmp_path))
     assert len(first) == 8 and first.isalnum()
@@ -75,7 +75,7 @@ def test_settings_from_the_config_reach_wandb_as_a_plain_dict(tmp_path, no_wandb
     ``init_timeout`` stayed at 90 s); the factory hands wandb a dict, our default included."""
     from omegaconf import OmegaConf
 
-    from sd_lightning.loggers import wandb_logger
+    from sd_lightning.systems.loggers import wandb_logger
 
     given = OmegaConf.create({"init_timeout": 15, "console": "off"})
     settings = wandb_logger(str(tmp_path), offline=True, settings=given)._wandb_init["settings"]

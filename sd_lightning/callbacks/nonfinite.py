@@ -19,7 +19,7 @@ import lightning as L
 import torch
 
 from sd_lightning.models.parallel import local
-from sd_lightning.resume import checkpoint_folder
+from sd_lightning.systems.checkpoint_io import checkpoint_folder
 
 log = logging.getLogger(__name__)
 

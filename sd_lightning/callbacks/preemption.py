@@ -27,8 +27,8 @@ from typing import Any
 import lightning as L
 import torch
 
-from sd_lightning import stopping
-from sd_lightning.resume import checkpoint_folder
+from sd_lightning.core import stopping
+from sd_lightning.systems.checkpoint_io import checkpoint_folder
 
 log = logging.getLogger(__name__)
 

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from sd_lightning.core.errors import InputError
 from sd_lightning.data.images import to_rgb
-from sd_lightning.errors import InputError
 
 
 def bucket_sizes(resolution: int, step: int = 64, max_aspect: float = 2.0) -> list[tuple[int, int]]:

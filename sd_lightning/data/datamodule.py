@@ -11,13 +11,13 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
+from sd_lightning.core.errors import InputError
 from sd_lightning.data.buckets import BucketTransform
 from sd_lightning.data.demo import make_demo_shards
 from sd_lightning.data.pipeline import ShardPipeline
 from sd_lightning.data.position import PositionedDataModule
 from sd_lightning.data.shards import expand_sources, expand_urls
 from sd_lightning.data.transforms import ImageTransform
-from sd_lightning.errors import InputError
 
 log = logging.getLogger(__name__)
 

@@ -29,9 +29,10 @@ from collections import Counter
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from sd_lightning import stopping
+from sd_lightning.core import stopping
+from sd_lightning.core.errors import InputError
 from sd_lightning.data.buckets import BucketTransform, batches_in_epoch, crop, plan_epoch
-from sd_lightning.data.images import Item, read_folder
+from sd_lightning.data.folder_files import Item, read_folder
 from sd_lightning.data.pipeline import collate
 from sd_lightning.data.position import (
     PositionedDataModule,
@@ -39,7 +40,6 @@ from sd_lightning.data.position import (
     worker_share,
 )
 from sd_lightning.data.transforms import to_model_range
-from sd_lightning.errors import InputError
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 
-from sd_lightning.errors import InputError
+from sd_lightning.core.errors import InputError
 
 log = logging.getLogger(__name__)
 

@@ -14,9 +14,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from sd_lightning.core.errors import InputError
 from sd_lightning.data.datamodule import WebDataModule
 from sd_lightning.data.pipeline import Skip, caption_of
-from sd_lightning.errors import InputError
 
 
 def npy_bytes(array: np.ndarray) -> bytes:

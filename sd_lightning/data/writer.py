@@ -159,19 +159,3 @@ def write_shards(
         raise ValueError(f"input={input!r} held no captioned images (skipped: {dict(skipped)})")
     urls = os.path.join(output, f"{prefix}{{000000..{len(sizes) - 1:06d}}}.tar")
     return {"shards": len(sizes), "samples": total, "skipped": dict(skipped), "urls": urls}
-
-
-def main(cfg) -> dict[str, Any]:
-    """The ``stage=shards`` entry: prints the count and the ``data.urls`` to train on."""
-    from sd_lightning.preflight import require
-
-    require(cfg)
-    result = write_shards(
-        str(cfg.input), str(cfg.output), int(cfg.samples_per_shard), str(cfg.prefix or "")
-    )
-    skipped = ", ".join(f"{k}={v}" for k, v in sorted(result["skipped"].items())) or "none"
-    print(
-        f"wrote {result['samples']} samples in {result['shards']} shards to {cfg.output} "
-        f"(skipped: {skipped}); train on data.urls='{result['urls']}'"
-    )
-    return result

@@ -11,26 +11,31 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from sd_lightning.diffusion.conditions import Conditions, as_conditions
 from sd_lightning.diffusion.prediction import Denoiser
 from sd_lightning.diffusion.samplers import SAMPLERS
 from sd_lightning.diffusion.schedules import sampling_schedule
 
 
 class GuidedNet(torch.nn.Module):
-    """``net(x, t, context)`` with classifier-free guidance: one batched pass over the conditional
-    and unconditional contexts, ``uncond + scale * (cond - uncond)`` on the raw output (linear, so
-    the same on epsilon, v or x0), in float32 whatever the network's dtype."""
+    """``net(x, t, context[, y])`` with classifier-free guidance: one batched pass over the
+    conditional and unconditional conditions, ``uncond + scale * (cond - uncond)`` on the raw
+    output (linear, so the same on epsilon, v or x0), in float32 whatever the network's dtype."""
 
-    def __init__(self, net: Callable, uncond: torch.Tensor, scale: float):
+    def __init__(self, net: Callable, uncond: Conditions, scale: float):
         super().__init__()
-        self.net, self.uncond, self.scale = net, uncond, scale
+        self.net, self.uncond, self.scale = net, as_conditions(uncond), scale
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        cond = Conditions(context, y)
         if self.scale == 1.0:
-            return self.net(x, t, context)
-        out = self.net(torch.cat([x, x]), torch.cat([t, t]), torch.cat([context, self.uncond]))
-        cond, uncond = out.float().chunk(2)  # combined in float32: bf16 would round the
-        return uncond + self.scale * (cond - uncond)  # difference a scale of 7.5 amplifies
+            return self.net(x, t, **cond.kwargs())
+        both = Conditions.cat([cond, self.uncond])
+        out = self.net(torch.cat([x, x]), torch.cat([t, t]), **both.kwargs())
+        cond_out, uncond = out.float().chunk(2)  # combined in float32: bf16 would round the
+        return uncond + self.scale * (cond_out - uncond)  # difference a scale of 7.5 amplifies
 
 
 def initial_noise(seeds: Sequence[int], shape: Sequence[int], device, dtype) -> torch.Tensor:
@@ -45,7 +50,7 @@ def generate(
     *,
     unet: Callable,
     decode: Callable[[torch.Tensor], torch.Tensor],
-    encode_text: Callable[[list[str]], torch.Tensor],
+    encode_text: Callable[[list[str]], torch.Tensor | Conditions],
     prompts: Sequence[str],
     seeds: Sequence[int],
     abar: torch.Tensor,
@@ -64,7 +69,8 @@ def generate(
     """Images in [-1, 1], ``(len(prompts), 3, H, W)``, on the CPU.
 
     ``negative_prompt``: one for all prompts, or one per prompt. ``decode(z)`` maps (unscaled) sampling-space latents to images: the caller divides by the
-    latent scale there. ``unet(x, t, context)`` is the raw network (EMA weights for sampling).
+    latent scale there. ``unet(x, t, context[, y])`` is the raw network (EMA weights for
+    sampling); ``encode_text(prompts)`` gives its token states or whole :class:`Conditions`.
     ``callback``: the sampler's, called after every step (a stop request raises from it).
     """
     if sampler not in SAMPLERS:
@@ -76,13 +82,13 @@ def generate(
     images = []
     for i in range(0, len(prompts), batch_size):
         chunk, chunk_seeds = list(prompts[i : i + batch_size]), list(seeds[i : i + batch_size])
-        context = encode_text(chunk)
+        conditions = as_conditions(encode_text(chunk))
         negatives = (
             [negative_prompt] * len(chunk)
             if isinstance(negative_prompt, str)
             else list(negative_prompt[i : i + batch_size])
         )
-        uncond = encode_text(negatives)
+        uncond = as_conditions(encode_text(negatives))
         net = GuidedNet(unet, uncond, guidance)
         denoiser = Denoiser(net, abar.to(device), prediction)
         x = initial_noise(chunk_seeds, latent_shape, device, torch.float32)
@@ -92,7 +98,7 @@ def generate(
             x,
             ts,
             abar_steps,
-            extra_args={"context": context},
+            extra_args=conditions.kwargs(),
             callback=callback,
             generator=generator,
         )

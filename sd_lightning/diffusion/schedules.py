@@ -11,6 +11,8 @@ import math
 
 import torch
 
+from sd_lightning.core.errors import InputError
+
 
 def scaled_linear_betas(
     num_steps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012
@@ -52,6 +54,30 @@ def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
 
 def alphas_cumprod(betas: torch.Tensor) -> torch.Tensor:
     return torch.cumprod(1.0 - betas, dim=0)
+
+
+def make_alphas_cumprod(
+    beta_schedule: str = "scaled_linear",
+    num_timesteps: int = 1000,
+    beta_start: float = 0.00085,
+    beta_end: float = 0.012,
+    zero_terminal_snr: bool = False,
+) -> torch.Tensor:
+    """alphas_cumprod of a named schedule (SD: scaled_linear 0.00085..0.012 over 1000 steps)."""
+    if beta_schedule == "scaled_linear":
+        betas = scaled_linear_betas(num_timesteps, beta_start, beta_end)
+    elif beta_schedule == "linear":
+        betas = linear_betas(num_timesteps, beta_start, beta_end)
+    elif beta_schedule == "cosine":
+        betas = cosine_betas(num_timesteps)
+    else:
+        raise InputError(
+            f"model.schedule.beta_schedule must be scaled_linear, linear or cosine, "
+            f"got {beta_schedule!r}"
+        )
+    if zero_terminal_snr:
+        betas = rescale_zero_terminal_snr(betas)
+    return alphas_cumprod(betas.double()).float()
 
 
 def sampling_timesteps(

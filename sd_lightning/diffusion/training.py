@@ -1,8 +1,14 @@
-"""Training-side pure functions: loss weights and noise variants for the diffusion objective."""
+"""Training-side pure functions: the denoising loss, its weights and noise variants."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+import torch.nn.functional as F
+
+from sd_lightning.diffusion.conditions import Conditions
+from sd_lightning.diffusion.prediction import add_noise, v_target
 
 
 def snr(abar_t: torch.Tensor) -> torch.Tensor:
@@ -40,3 +46,29 @@ def offset_noise(
             dtype=dtype,
         )
     return noise
+
+
+def denoising_loss(
+    net: Callable,
+    z: torch.Tensor,
+    conditions: Conditions,
+    t: torch.Tensor,
+    noise: torch.Tensor,
+    abar: torch.Tensor,
+    prediction: str = "epsilon",
+    min_snr_gamma: float | None = None,
+    weight: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The mean per-sample MSE of ``net``'s prediction of the noise (or v) added to ``z`` at
+    steps ``t`` (``abar``: alphas_cumprod), min-SNR-weighted if asked, each sample's times
+    ``weight`` where given (DreamBooth's prior images: ``prior_loss_weight``)."""
+    abar_t = abar[t]
+    z_t = add_noise(z, noise, abar_t)
+    target = noise if prediction == "epsilon" else v_target(z, noise, abar_t)
+    out = net(z_t, t, **conditions.kwargs())
+    per_sample = F.mse_loss(out.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    if min_snr_gamma is not None:
+        per_sample = per_sample * min_snr_weight(abar_t, min_snr_gamma, prediction)
+    if weight is not None:
+        per_sample = per_sample * weight.to(per_sample)
+    return per_sample.mean()

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from sd_lightning.errors import InputError
+from sd_lightning.core.errors import InputError
 
 log = logging.getLogger(__name__)
 CHUNK = 16 << 20

@@ -19,9 +19,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from sd_lightning import stopping
-from sd_lightning.errors import InputError
+from sd_lightning.core import stopping
+from sd_lightning.core.errors import InputError
+from sd_lightning.data.images import to_uint8
 from sd_lightning.finetune.lora import LoRA
+from sd_lightning.models.parallel import is_sharded
 
 log = logging.getLogger(__name__)
 
@@ -145,9 +147,6 @@ class DreamBooth:
 
     def _generate(self, system, folder: str, names: list[str], missing: list[int], size: int):
         from PIL import Image
-
-        from sd_lightning.models.parallel import is_sharded
-        from sd_lightning.systems.images import to_uint8
 
         trainer = system.trainer
         os.makedirs(folder, exist_ok=True)

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from sd_lightning.errors import InputError
+from sd_lightning.core.errors import InputError
 
 
 def file_name(token: str) -> str:
@@ -45,7 +45,7 @@ def read_embedding(path: str, option: str = "embeddings") -> tuple[str, torch.Te
             "else d; s.save_file({'emb_params': next(iter(p.values())).float().contiguous()}, "
             "'x.safetensors')\""
         )
-    from sd_lightning.files import read_weight_file
+    from sd_lightning.weights.files import read_weight_file
 
     found = read_weight_file(path, option, "a textual-inversion embedding (.safetensors)")
     if found.kind != "safetensors":

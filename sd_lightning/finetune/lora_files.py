@@ -28,7 +28,7 @@ import re
 import torch
 from torch import nn
 
-from sd_lightning.errors import InputError
+from sd_lightning.core.errors import InputError
 from sd_lightning.weights import layouts
 
 KOHYA_UNET = "lora_unet_"
@@ -203,8 +203,8 @@ def merge_lora(
     """Add ``scale * alpha / rank * B A`` of the LoRA file at ``path`` to ``unet``'s weights (and
     the text ``tower``'s, for a file that adapts the text encoder too); returns how many layers
     changed. Every tensor must be a LoRA of a layer this model has, finite and of its shape."""
-    from sd_lightning.files import read_weight_file
     from sd_lightning.finetune.lora_keys import read_pairs
+    from sd_lightning.weights.files import read_weight_file
 
     path = os.fspath(path)
     if not math.isfinite(scale):

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import re
 
-from sd_lightning.errors import InputError
+from sd_lightning.core.errors import InputError
 
 # suffix -> part, longest first so ".lora.down.weight" is not read as ".down.weight"
 SUFFIXES = {

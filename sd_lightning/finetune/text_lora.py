@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sd_lightning.errors import InputError
+from sd_lightning.core.errors import InputError
 
 log = logging.getLogger(__name__)
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "out_proj")

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sd_lightning.errors import InputError
+from sd_lightning.core.errors import InputError
 from sd_lightning.finetune.embedding_files import embedding_files
 
 log = logging.getLogger(__name__)
@@ -100,7 +100,7 @@ class TextualInversion:
         else the vectors past it never train; refused where none fits, said where some do not."""
         data = getattr(system.trainer, "datamodule", None)
         captions = {i.caption for i in getattr(data, "images", None) or [] if i.caption}
-        encoder = system.text_encoder.net
+        encoder = system.conditioner.text_encoder
         room = encoder.context_length - 2  # start- and end-of-text
         cut = {}
         for caption in captions:

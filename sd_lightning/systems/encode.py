@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from sd_lightning import stopping
+from sd_lightning.core import stopping
 from sd_lightning.data.latents import npy_bytes
 from sd_lightning.data.transforms import to_model_range
 from sd_lightning.data.writer import ShardWriter

@@ -1,4 +1,5 @@
-"""Image grids to every attached logger (wandb, TensorBoard) and to PNG files in the run dir."""
+"""Image grids to every attached logger (wandb, TensorBoard) and to PNG files in the run dir
+(pixels to uint8 and PNG: :mod:`sd_lightning.data.images`)."""
 
 from __future__ import annotations
 
@@ -8,12 +9,8 @@ import lightning as L
 import torch
 import torchvision
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
-from PIL import Image
 
-
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] float images -> [0, 255] uint8."""
-    return ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+from sd_lightning.data.images import save_png, to_uint8
 
 
 def pairs_grid(inputs: torch.Tensor, outputs: torch.Tensor, per_row: int = 8) -> torch.Tensor:
@@ -43,8 +40,3 @@ def log_image(trainer: L.Trainer, key: str, grid: torch.Tensor, caption: str | N
     path = os.path.join(folder, f"{key.replace('/', '_')}_step{step:08d}.png")
     save_png(grid, path)
     return path
-
-
-def save_png(image: torch.Tensor, path: str) -> None:
-    """uint8 CHW -> PNG (PIL; torchvision's image I/O is deprecated)."""
-    Image.fromarray(image.permute(1, 2, 0).contiguous().numpy()).save(path)

@@ -6,8 +6,16 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from sd_lightning.checkpoints import check_stage
 from sd_lightning.systems.skipped import SkippedSamplesMixin
+
+
+def check_stage(checkpoint: Any, stage: str, what: str, fix: str) -> None:
+    """Raise ``ValueError("<what> of stage X, not stage Y: <fix>")`` unless ``checkpoint`` was
+    written by ``stage``."""
+    meta = checkpoint.get("sd_lightning") if isinstance(checkpoint, dict) else None
+    found = (meta or {}).get("stage")
+    if found != stage:
+        raise ValueError(f"{what} of stage {found!r}, not stage {stage!r}: {fix}")
 
 
 class StageCheckpointMixin(SkippedSamplesMixin):

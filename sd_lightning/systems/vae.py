@@ -16,7 +16,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from torchmetrics import MeanMetric
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
-from sd_lightning.errors import InputError
+from sd_lightning.core.errors import InputError
 from sd_lightning.losses.autoencoder_loss import AutoencoderLoss
 from sd_lightning.models.autoencoder import AutoencoderKL
 from sd_lightning.models.parallel import full_state_dict

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from sd_lightning.errors import InputError
+from sd_lightning.core.errors import InputError
 
 HF_PREFIX = "text_model."
 # transformers -> OpenCLIP, inside one layer

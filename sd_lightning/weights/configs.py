@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sd_lightning.errors import InputError
+from sd_lightning.core.errors import InputError
 
 # what SD's families fix that their weights cannot show
 FAMILIES = {

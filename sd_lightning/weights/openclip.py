@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sd_lightning.errors import InputError
+from sd_lightning.core.errors import InputError
 
 log = logging.getLogger(__name__)
 PREFIXES = ("", "text.", "module.")  # CLIP's top-level names, CustomTextCLIP's, a DDP checkpoint's
@@ -146,7 +146,7 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 def load_text_weights(tower: nn.Module, path: str, where: str) -> None:
     """The text tower's tensors of an OpenCLIP weights file (a whole CLIP's; the vision tower's
     are not read) into ``tower``, every one of its keys found with its shape."""
-    from sd_lightning.files import identify, read_weight_file
+    from sd_lightning.weights.files import identify, read_weight_file
     from sd_lightning.weights.read import check_keys
 
     found = read_weight_file(path, where, "an OpenCLIP weights file", mmap=True)

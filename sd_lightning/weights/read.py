@@ -3,7 +3,7 @@
 standalone VAE files (``vae-ft-mse-840000-ema-pruned.safetensors``) and diffusers folders (a whole
 pipeline with ``model_index.json``, or one component such as ``sd-vae-ft-mse``).
 
-Everything is opened through :func:`sd_lightning.files.read_weight_file`, so a missing, damaged
+Everything is opened through :func:`sd_lightning.weights.files.read_weight_file`, so a missing, damaged
 or pickle-only file is the same clear error as anywhere else. Every key is accounted for: keys
 the target network lacks, or has and the file does not, are an error listing them.
 """
@@ -18,9 +18,9 @@ from typing import Any
 
 import torch
 
-from sd_lightning.errors import InputError
-from sd_lightning.files import identify, identify_folder, read_weight_file
+from sd_lightning.core.errors import InputError
 from sd_lightning.weights import configs, layouts
+from sd_lightning.weights.files import identify, identify_folder, read_weight_file
 
 PREFIX = layouts.ORIGINAL_PREFIX
 EMA_PREFIX = "model_ema."

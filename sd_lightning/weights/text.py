@@ -11,9 +11,9 @@ from typing import Any
 
 import torch
 
-from sd_lightning.errors import InputError
-from sd_lightning.files import identify, identify_folder, read_weight_file
+from sd_lightning.core.errors import InputError
 from sd_lightning.weights.clip import openclip_from_hf
+from sd_lightning.weights.files import identify, identify_folder, read_weight_file
 from sd_lightning.weights.read import Part, _component_weights, _under
 
 SD1_PREFIX = "cond_stage_model.transformer."

@@ -18,12 +18,12 @@ from typing import Any
 
 import torch
 
-from sd_lightning.atomic import save_safetensors
+from sd_lightning.core.atomic import save_safetensors
 from sd_lightning.weights import configs, layouts
 from sd_lightning.weights.clip import hf_from_openclip
 from sd_lightning.weights.openclip import activation
-from sd_lightning.weights.pipeline import SD_SCHEDULER
 from sd_lightning.weights.read import UNET_META, VAE_META
+from sd_lightning.weights.schedule import SD_SCHEDULER
 from sd_lightning.weights.text import TEXT_META
 from sd_lightning.weights.tokenizer import write_clip_tokenizer
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from sd_lightning.errors import InputError
+from sd_lightning.core.errors import InputError
 
 
 def _number(value: Any) -> bool:

@@ -14,10 +14,10 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from sd_lightning.atomic import replaced_folder
-from sd_lightning.errors import InputError
-from sd_lightning.option_checks import check_add_ons
-from sd_lightning.preflight import check_sampling_source, require
+from sd_lightning.commands.options import check_add_ons
+from sd_lightning.commands.preflight import check_sampling_source, require
+from sd_lightning.core.atomic import replaced_folder
+from sd_lightning.core.errors import InputError
 from sd_lightning.weights.configs import LATENT_SCALE
 
 log = logging.getLogger(__name__)
@@ -101,7 +101,7 @@ def check_output(output: str, fmt: str, overwrite: bool) -> None:
 def release_of(cfg: DictConfig) -> tuple[Any, str]:
     """The networks and sampling settings of ``cfg.ckpt`` as a :class:`Release`, and which
     weights of the U-Net it holds."""
-    from sd_lightning.sample import apply_loras, load_ldm
+    from sd_lightning.commands.open import apply_loras, load_ldm
     from sd_lightning.weights.write import Release
 
     system = load_ldm(
@@ -117,7 +117,7 @@ def release_of(cfg: DictConfig) -> tuple[Any, str]:
     release = Release(
         unet=unet,
         vae=system.vae,
-        text=system.text_encoder.net,
+        text=system.conditioner.text_encoder,
         latent_scale=float(system.latent_scale),
         prediction=system.prediction,
         schedule=schedule,

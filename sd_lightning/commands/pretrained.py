@@ -8,7 +8,7 @@ replaced). ``stage=vae``: the autoencoder is SD's VAE, the discriminator fresh, 
 frozen unless ``model.freeze_encoder=false`` (a decoder fine-tune, how sd-vae-ft-mse was made:
 the latents stay those SD's U-Nets were trained on).
 
-Two steps, both called by :func:`sd_lightning.train.train`: :func:`configure` rewrites the
+Two steps, both called by :func:`sd_lightning.commands.train.train`: :func:`configure` rewrites the
 config from the file's shapes alone (nothing is read), so the run's config, stored in every
 checkpoint, rebuilds the network without the file; :func:`load` reads the weights into the built
 system, unless the run resumes, whose checkpoint holds them.
@@ -22,9 +22,9 @@ import os
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from sd_lightning.errors import InputError
-from sd_lightning.weights.pipeline import recorded
+from sd_lightning.core.errors import InputError
 from sd_lightning.weights.read import check_keys, read_sd_unet, read_sd_unet_ema, read_sd_vae
+from sd_lightning.weights.schedule import recorded
 from sd_lightning.weights.text import has_sd_text
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ VAE_HINT = (
 )
 # what a unet= preset keeps under pretrained=: options of speed and memory, not of the function
 UNET_RUNTIME = ("dropout", "gradient_checkpointing", "fp32_norms", "channels_last")
-TEXT_ENCODER = "sd_lightning.models.OpenCLIPTextEncoder"
+TEXT_ENCODER = "sd_lightning.conditioning.OpenCLIPTextEncoder"
 
 
 def configure(cfg: DictConfig) -> None:

@@ -1,5 +1,5 @@
 """Resuming from the newest complete checkpoint of a run directory (checkpoints are written
-atomically by :class:`sd_lightning.checkpoint_io.AtomicCheckpointIO`).
+atomically by :class:`sd_lightning.systems.checkpoint_io.AtomicCheckpointIO`).
 
 ``ckpt_path=auto`` (the default) looks in ``<run dir>/checkpoints`` for every ``*.ckpt`` (the
 preemption checkpoint, ``last.ckpt``, the periodic ones; files, or folders of shards under
@@ -17,27 +17,9 @@ import os
 
 import torch
 
+from sd_lightning.weights.files import read_weight_file, sharded_meta
+
 log = logging.getLogger(__name__)
-SHARDED_META = "meta.pt"  # what Lightning calls the non-tensor part of a sharded checkpoint
-
-
-def checkpoint_folder(trainer) -> str:
-    """Where the run's checkpoints go: the ModelCheckpoint's folder, else
-    ``<root>/checkpoints``."""
-    folder = getattr(trainer.checkpoint_callback, "dirpath", None)
-    return folder or os.path.join(trainer.default_root_dir, "checkpoints")
-
-
-def sharded_meta(folder: str) -> str:
-    """The ``meta.pt`` of a complete sharded checkpoint; ``FileNotFoundError`` when the folder
-    lacks it or the shards' index (``.metadata``, written after every shard)."""
-    meta = os.path.join(folder, SHARDED_META)
-    if not os.path.isfile(meta) or not os.path.isfile(os.path.join(folder, ".metadata")):
-        raise FileNotFoundError(
-            f"{folder!r} is a folder but not a complete sharded checkpoint (no .metadata or "
-            f"{SHARDED_META})"
-        )
-    return meta
 
 
 def checkpoint_step(path: str) -> int | None:
@@ -70,6 +52,19 @@ def newest_checkpoint(folder: str) -> str | None:
     return best[2] if best else None
 
 
+def check_resume_file(path: str, stage: str | None) -> str:
+    """``ckpt_path=<file>``: a checkpoint (file or sharded folder) of ``stage``; its path."""
+    of = f"a stage={stage} run" if stage else "this stage"
+    expected = (
+        f"a checkpoint of {of} (<run dir>/checkpoints/last.ckpt), ckpt_path=auto to resume from "
+        "the run directory if it has one, or ckpt_path=null to start fresh"
+    )
+    found = read_weight_file(path, "ckpt_path", expected, mmap=True)
+    if stage is not None:
+        found.require_stage(stage, exports=False)
+    return found.path
+
+
 def resolve_ckpt_path(
     ckpt_path: str | None, checkpoint_dir: str, sharded: bool = False, stage: str | None = None
 ) -> str | None:
@@ -84,8 +79,6 @@ def resolve_ckpt_path(
         if found:
             log.info("resume: continuing from %s (the newest complete checkpoint)", found)
         return _check_sharding(found, sharded)
-    from sd_lightning.preflight import check_resume_file
-
     path = check_resume_file(str(ckpt_path), stage)
     return _check_sharding(path, sharded)
 

@@ -8,7 +8,7 @@ from collections.abc import Iterable
 
 import torch
 
-from sd_lightning.errors import InputError
+from sd_lightning.core.errors import InputError
 
 
 def adamw(

@@ -40,3 +40,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         hold tensors and plain values only; Lightning's default would unpickle anything)."""
         kwargs = {} if map_location is None else {"map_location": map_location}
         return super().load_checkpoint(path, weights_only=True, **kwargs)
+
+
+def checkpoint_folder(trainer) -> str:
+    """Where the run's checkpoints go: the ModelCheckpoint's folder, else
+    ``<root>/checkpoints``."""
+    folder = getattr(trainer.checkpoint_callback, "dirpath", None)
+    return folder or os.path.join(trainer.default_root_dir, "checkpoints")

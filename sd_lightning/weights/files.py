@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from sd_lightning.errors import InputError
+from sd_lightning.core.errors import InputError
 
 ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since 1.6
 PICKLE_PROTOCOLS = range(2, 6)  # a pickle starts with PROTO (0x80) and its protocol, 2 to 5
@@ -27,6 +27,21 @@ CONVERT = (
     "import save_file; sd = torch.load('{path}', weights_only=False); sd = sd.get('state_dict', "
     "sd); save_file({{k: v.contiguous() for k, v in sd.items()}}, '{stem}.safetensors')\""
 )
+
+
+SHARDED_META = "meta.pt"  # what Lightning calls the non-tensor part of a sharded checkpoint
+
+
+def sharded_meta(folder: str) -> str:
+    """The ``meta.pt`` of a complete sharded checkpoint; ``FileNotFoundError`` when the folder
+    lacks it or the shards' index (``.metadata``, written after every shard)."""
+    meta = os.path.join(folder, SHARDED_META)
+    if not os.path.isfile(meta) or not os.path.isfile(os.path.join(folder, ".metadata")):
+        raise FileNotFoundError(
+            f"{folder!r} is a folder but not a complete sharded checkpoint (no .metadata or "
+            f"{SHARDED_META})"
+        )
+    return meta
 
 
 class WeightFileError(InputError):
@@ -283,8 +298,6 @@ def _first_line(exn: BaseException) -> str:
 
 
 def _read_folder(path: str, option: str, expected: str) -> WeightFile:
-    from sd_lightning.resume import SHARDED_META
-
     meta = os.path.join(path, SHARDED_META)
     if not os.path.isfile(meta) or not os.path.isfile(os.path.join(path, ".metadata")):
         raise WeightFileError(

@@ -18,12 +18,12 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.strategies import ModelParallelStrategy
 from omegaconf import DictConfig, OmegaConf
 
-from sd_lightning import stopping
-from sd_lightning.atomic import save_safetensors
 from sd_lightning.callbacks import Preemption
-from sd_lightning.preflight import check_training, require
-from sd_lightning.resume import resolve_ckpt_path
-from sd_lightning.weights import pretrained
+from sd_lightning.commands import pretrained
+from sd_lightning.commands.preflight import check_training, require
+from sd_lightning.commands.resume import resolve_ckpt_path
+from sd_lightning.core import stopping
+from sd_lightning.core.atomic import save_safetensors
 
 __all__ = ["export_weights", "require", "train"]
 

@@ -20,11 +20,11 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
-from sd_lightning import stopping
-from sd_lightning.checkpoints import load_vae
+from sd_lightning.commands.open import load_vae
+from sd_lightning.commands.preflight import require
+from sd_lightning.core import stopping
 from sd_lightning.data.pipeline import ShardPipeline
 from sd_lightning.data.writer import refuse_existing_shards
-from sd_lightning.preflight import require
 from sd_lightning.systems.encode import EncodeSystem, LatentShardWriter, merge_sizes, shard_pattern
 
 log = logging.getLogger(__name__)

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sd_lightning.errors import InputError
+from sd_lightning.core.errors import InputError
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,8 @@ import os
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
+_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # sd_lightning/
+CONF_DIR = os.path.join(os.path.dirname(_PACKAGE), "conf")
 
 
 def auto_precision() -> str:

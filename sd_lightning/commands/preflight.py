@@ -14,8 +14,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from sd_lightning.errors import InputError
-from sd_lightning.option_checks import check_add_ons, check_training_options
+from sd_lightning.commands.options import check_add_ons, check_training_options
+from sd_lightning.core.errors import InputError
 
 PROMPTS_EXAMPLE = """prompts='["a red circle", "a blue square"]'"""
 LDM_HINT = (
@@ -57,6 +57,8 @@ def check_training(cfg: DictConfig) -> None:
         )
     ckpt_path = cfg.get("ckpt_path")
     if ckpt_path not in (None, "auto"):
+        from sd_lightning.commands.resume import check_resume_file  # torch: only for a file
+
         check_resume_file(str(ckpt_path), cfg.get("stage"))
     if cfg.get("pretrained"):
         check_pretrained(str(cfg.pretrained))
@@ -100,7 +102,7 @@ def check_data(data: DictConfig | None) -> None:
 def check_pretrained(path: str) -> None:
     """``pretrained=``: Stable Diffusion's weights (a readable file, or a folder), not a
     checkpoint of ours."""
-    from sd_lightning.files import read_weight_file
+    from sd_lightning.weights.files import read_weight_file
 
     expected = "Stable Diffusion weights (a single file or a diffusers folder)"
     if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "meta.pt")):
@@ -129,7 +131,7 @@ def check_component_files(cfg: DictConfig) -> None:
     """``vae_ckpt=``, ``text_encoder.pretrained=`` and a ``pretrained=`` folder: the wrong kind
     of file (a LoRA, an embedding, another part) is named before anything is built; only file
     headers and config.json files are read."""
-    from sd_lightning.files import identify, identify_folder, read_weight_file
+    from sd_lightning.weights.files import identify, identify_folder, read_weight_file
 
     text = cfg.get("text_encoder") or {}
     for option, value in (
@@ -157,21 +159,6 @@ def check_component_files(cfg: DictConfig) -> None:
         takes, said = folders[option]
         if what and not what.startswith(("a diffusers pipeline", takes)):
             raise InputError(f"{option}={str(value)!r} is {what}: {option}= takes {said}")
-
-
-def check_resume_file(path: str, stage: str | None) -> str:
-    """``ckpt_path=<file>``: a checkpoint (file or sharded folder) of ``stage``; its path."""
-    from sd_lightning.files import read_weight_file
-
-    of = f"a stage={stage} run" if stage else "this stage"
-    expected = (
-        f"a checkpoint of {of} (<run dir>/checkpoints/last.ckpt), ckpt_path=auto to resume from "
-        "the run directory if it has one, or ckpt_path=null to start fresh"
-    )
-    found = read_weight_file(path, "ckpt_path", expected, mmap=True)
-    if stage is not None:
-        found.require_stage(stage, exports=False)
-    return found.path
 
 
 def check_run_dir(output_dir: str, ckpt_path: str | None) -> None:
@@ -216,7 +203,8 @@ def method(config: dict[str, Any] | DictConfig) -> str:
 def check_resumed_run(cfg: DictConfig) -> None:
     """``ckpt_path=auto`` in a run directory that holds checkpoints: they must be of what this
     command trains, or resuming would load another method's tensors (after the model is built)."""
-    from sd_lightning.resume import newest_checkpoint, sharded_meta
+    from sd_lightning.commands.resume import newest_checkpoint
+    from sd_lightning.weights.files import sharded_meta
 
     found = newest_checkpoint(os.path.join(cfg.paths.output_dir, "checkpoints"))
     if found is None:
@@ -280,7 +268,7 @@ def check_sampling(cfg: DictConfig) -> tuple[list[str], list[str] | str]:
 def check_sampling_source(path: str) -> bool:
     """``ckpt=`` for sampling: a stage-2 checkpoint of ours (True), or Stable Diffusion's weights
     (False: a file without our stage record, or a diffusers folder; read in full later)."""
-    from sd_lightning.files import read_weight_file
+    from sd_lightning.weights.files import read_weight_file
 
     if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "meta.pt")):
         return False  # a diffusers folder (a folder of ours has its meta.pt)
