@@ -184,8 +184,8 @@ def test_export_options_are_checked_before_anything_is_read(tmp_path, ldm_ckpt):
 def test_what_our_single_file_records_is_read_back_how_it_samples(tmp_path, ldm_ckpt, caplog):
     """A v-prediction model's single file loads as such (its metadata: the weights cannot show
     it), and a latent scale unlike SD's (a VAE trained here) is recorded, read back and said."""
-    from sd_lightning.weights.read import read_sd_vae
     from sd_lightning.commands.open import load_sd_system
+    from sd_lightning.weights.read import read_sd_vae
     from sd_lightning.weights.schedule import recorded
 
     folder, *_ = pipeline_folder(tmp_path, prediction="v_prediction")
