@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
 import os
+import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -111,6 +114,29 @@ def cfg_factory(tmp_path, data_dir):
     return make
 
 
+# Ports for the rendezvous of multi-process runs, one per command this session starts. Lightning
+# would pick a free port itself, but it releases the port before rank 0 binds it, so runs started
+# together (test_fsdp runs three) could pick the same one: the second run's rank 0 then fails with
+# EADDRINUSE and its rank 1 joins the first run's store and waits until the timeout. Ports below
+# the kernel's ephemeral range are never handed out by bind(0) or to outgoing connections (gloo's
+# own sockets), so one reserved here stays free until its run binds it.
+_PORTS = itertools.count(20000 + os.getpid() % 10000)
+_PORTS_LOCK = threading.Lock()
+
+
+def free_port() -> int:
+    """A port below the ephemeral range, free now and never handed out before in this session."""
+    with _PORTS_LOCK:
+        while True:
+            port = 20000 + (next(_PORTS) - 20000) % 12000
+            with socket.socket() as s:
+                try:
+                    s.bind(("", port))
+                except OSError:
+                    continue
+                return port
+
+
 def run_cli(
     *args: str,
     cwd: Path | None = None,
@@ -121,7 +147,13 @@ def run_cli(
     """``python -m sd_lightning ARGS`` in a real subprocess; returns the CompletedProcess.
 
     wandb runs offline unless ``unset`` removes ``WANDB_MODE``."""
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline", **(env or {})}
+    full_env = {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "WANDB_MODE": "offline",
+        "MASTER_PORT": str(free_port()),
+        **(env or {}),
+    }
     for var in unset:
         full_env.pop(var, None)
     return subprocess.run(
@@ -192,6 +224,7 @@ def start_cli(*args: str, env: dict | None = None, **popen) -> subprocess.Popen:
         "PYTHONPATH": str(ROOT / "tests"),
         "PYTHONUNBUFFERED": "1",
         "WANDB_MODE": "offline",
+        "MASTER_PORT": str(free_port()),
         **(env or {}),
     }
     return subprocess.Popen(

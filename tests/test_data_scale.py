@@ -10,6 +10,7 @@ from collections import Counter
 import pytest
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import free_port
 from test_data import _jpeg, _write_shard
 
 from sd_lightning.data import FolderDataModule, WebDataModule
@@ -92,7 +93,7 @@ def test_two_ranks_two_workers_get_equal_batches_over_uneven_shards_and_buckets(
         Image.new("RGB", size, (i * 30, 0, 0)).save(photos / f"{i}.png")
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
-    port = 29500 + os.getpid() % 1000
+    port = free_port()
     procs = [
         ctx.Process(target=_count_batches, args=(r, 2, port, urls, str(photos), out))
         for r in range(2)
