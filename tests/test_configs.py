@@ -6,6 +6,7 @@ import pytest
 import torch
 from conftest import CONF, LDM_TINY, TINY
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 GROUPS = [
     "vae",
@@ -74,7 +75,11 @@ def _stage_of(experiment: str | None) -> str:
     if experiment is None:
         return "vae"
     text = (CONF / "experiment" / f"{experiment}.yaml").read_text()
-    return "ldm" if "override /stage: ldm" in text else "vae"
+    if "override /stage: ldm" in text:
+        return "ldm"
+    # an experiment built on another (defaults: [demo_ldm, ...]) has its stage
+    parents = OmegaConf.create(text).get("defaults") or []
+    return "ldm" if any(_stage_of(p) == "ldm" for p in parents if isinstance(p, str)) else "vae"
 
 
 @pytest.mark.parametrize("option", _options("experiment") + [None])

@@ -175,17 +175,16 @@ def test_bad_pretrained_files_name_the_file_and_the_fix(tmp_path, ldm_ckpt):
     vae_only = tmp_path / "vae-ft-mse.safetensors"
     vae = AutoencoderKL(**SMALL_VAE).state_dict()
     save_file({k: v.contiguous() for k, v in vae.items()}, vae_only)
-    xl = tmp_path / "sdxl.safetensors"
-    xl_unet = UNetModel(
-        **{**UNETS["sd1"], "channel_mult": [1, 2], "attention_levels": [0, 1], "context_dim": 2048}
-    )
+    xl = tmp_path / "sd_xl_refiner.safetensors"
+    refiner = {"channel_mult": [1, 2], "attention_levels": [0, 1], "context_dim": 1280}
+    xl_unet = UNetModel(**{**UNETS["sd1"], **refiner, "adm_in_channels": 2560})
     save_file({k: v.contiguous() for k, v in to_original(xl_unet.state_dict(), "unet").items()}, xl)
     base = [*LDM, "trainer.max_steps=1"]
     cases = [
         (cut, "is damaged or incomplete"),
         (pickled, "needs pickle to load"),
         (vae_only, "is a VAE, with no SD U-Net (no model.diffusion_model.* keys)"),
-        (xl, "is a U-Net with 2048-d text context: SD 1.x has 768, SD 2.x 1024"),
+        (xl, "is an SDXL refiner (1280-d context, 2560-d vector condition)"),
         (ldm_ckpt, "is a stage=ldm checkpoint of sd_lightning: pretrained= takes Stable Diffusion"),
     ]
     results = run_cli_all(

@@ -142,14 +142,21 @@ def test_bad_sd_files_name_the_file_and_what_was_found(tmp_path):
     ):
         read_sd_unet(str(vae_only), "pretrained", HINT)
     assert read_sd_vae(str(vae_only), "vae_ckpt", HINT).config["ch"] == 32  # a standalone VAE
-    sdxl = {**to_original(UNetModel(**{**UNETS["sd1"], "context_dim": 2048}).state_dict(), "unet")}
-    save_file({k: v.contiguous() for k, v in sdxl.items()}, tmp_path / "xl.safetensors")
-    with pytest.raises(InputError, match="2048-d text context: SD 1.x has 768, SD 2.x 1024"):
-        read_sd_unet(str(tmp_path / "xl.safetensors"), "ckpt", HINT)
-    folder = tmp_path / "xl"
+    for context, match in (
+        (4096, "4096-d text context: SD 1.x has 768, SD 2.x 1024, SDXL 2048"),
+        (2048, "a 2048-d context but no vector condition .label_emb., which no SD family"),
+    ):
+        other = UNetModel(**{**UNETS["sd1"], "context_dim": context}).state_dict()
+        save_file(
+            {k: v.contiguous() for k, v in to_original(other, "unet").items()},
+            tmp_path / "x.safetensors",
+        )
+        with pytest.raises(InputError, match=match):
+            read_sd_unet(str(tmp_path / "x.safetensors"), "ckpt", HINT)
+    folder = tmp_path / "class-conditional"
     folder.mkdir()
-    (folder / "config.json").write_text(json.dumps({"addition_embed_type": "text_time"}))
-    with pytest.raises(InputError, match="addition_embed_type='text_time' .SDXL"):
+    (folder / "config.json").write_text(json.dumps({"class_embed_type": "timestep"}))
+    with pytest.raises(InputError, match="extra embeddings of type 'timestep'"):
         read_sd_unet(str(folder), "ckpt", HINT)
     unet = UNetModel(**UNETS["sd1"])
     partial = {k: v for k, v in unet.state_dict().items() if not k.startswith("out.2")}

@@ -18,7 +18,7 @@ from sd_lightning.commands.options import check_add_ons
 from sd_lightning.commands.preflight import check_sampling_source, require
 from sd_lightning.core.atomic import replaced_folder
 from sd_lightning.core.errors import InputError
-from sd_lightning.weights.configs import LATENT_SCALE
+from sd_lightning.weights.configs import LATENT_SCALE, LATENT_SCALES
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +102,7 @@ def release_of(cfg: DictConfig) -> tuple[Any, str]:
     """The networks and sampling settings of ``cfg.ckpt`` as a :class:`Release`, and which
     weights of the U-Net it holds."""
     from sd_lightning.commands.open import apply_loras, load_ldm
+    from sd_lightning.weights.configs import SIZE_EMBED_DIM
     from sd_lightning.weights.write import Release
 
     system = load_ldm(
@@ -123,6 +124,7 @@ def release_of(cfg: DictConfig) -> tuple[Any, str]:
         schedule=schedule,
         spacing=system.default_spacing,
         image_size=system._image_size(),
+        size_embed_dim=system.conditioner.size_dim or SIZE_EMBED_DIM,
     )
     return release, which
 
@@ -161,15 +163,17 @@ def export(cfg: DictConfig) -> dict[str, Any]:
             " or ".join(missing),
             release.unet.config["context_dim"],
         )
-    if abs(release.latent_scale - LATENT_SCALE) > 1e-6 * LATENT_SCALE:
+    standard = LATENT_SCALES.get(release.family or "sd1", LATENT_SCALE)
+    if abs(release.latent_scale - standard) > 1e-6 * standard:
         log.warning(
-            "%s: latent scale %.5f, not SD's %s: single-file tools assume SD's and would decode "
-            "wrongly (ComfyUI; AUTOMATIC1111 reads scale_factor from a .yaml beside the file). "
-            "The file's metadata records it, and format=diffusers writes it as the VAE's "
+            "%s: latent scale %.5f, not %s's %s: single-file tools assume the family's and would "
+            "decode wrongly (ComfyUI; AUTOMATIC1111 reads scale_factor from a .yaml beside the "
+            "file). The file's metadata records it, and format=diffusers writes it as the VAE's "
             "scaling_factor, which diffusers reads",
             output,
             release.latent_scale,
-            LATENT_SCALE,
+            "SDXL" if release.family == "sdxl" else "SD",
+            standard,
         )
     if release.prediction == "v_prediction":
         log.info(

@@ -25,7 +25,7 @@ from omegaconf import OmegaConf
 
 from sd_lightning.commands import pretrained
 from sd_lightning.commands.preflight import LDM_HINT, check_sampling_source
-from sd_lightning.conditioning import OpenCLIPTextEncoder
+from sd_lightning.conditioning.text_encoders import sd_text_encoder
 from sd_lightning.core.atomic import save_safetensors
 from sd_lightning.core.errors import InputError
 from sd_lightning.finetune.base import check_base, rebased
@@ -37,6 +37,7 @@ from sd_lightning.systems.ldm import LatentDiffusionSystem
 from sd_lightning.weights.files import SHARDED_META, read_weight_file, sharded_meta
 from sd_lightning.weights.read import build, read_sd_unet, read_sd_vae
 from sd_lightning.weights.schedule import PREDICTIONS, SD_HINT, SD_SCHEDULE, recorded
+from sd_lightning.weights.text import text_components
 
 log = logging.getLogger(__name__)
 
@@ -79,12 +80,18 @@ def read_sharded_checkpoint(path: str) -> dict[str, Any]:
     return {**torch.load(meta, map_location="cpu", weights_only=True), **state}
 
 
-def load_vae(path: str, option: str = "vae_ckpt") -> AutoencoderKL:
+def load_vae(path: str, option: str = "vae_ckpt", fp16: bool = False) -> AutoencoderKL:
     """The stage-1 autoencoder, frozen (``requires_grad=False``, eval mode), from a stage=vae
     Lightning checkpoint or its safetensors export, or from Stable Diffusion's own VAE (a single
     file, a standalone VAE file, a diffusers folder); those set ``vae.scaling_factor``, the
-    family's latent scale (0.18215)."""
-    path = str(path)
+    family's latent scale (SD 1/2: 0.18215, SDXL: 0.13025). ``fp16``: under float16 autocast
+    the VAE runs in float16 too (by default float32: SDXL's VAE overflows in float16)."""
+    vae = _load_vae(str(path), option)
+    vae.fp16 = bool(fp16)
+    return vae
+
+
+def _load_vae(path: str, option: str) -> AutoencoderKL:
     sd_folder = os.path.isdir(path) and not os.path.isfile(os.path.join(path, SHARDED_META))
     found = None if sd_folder else read_weight_file(path, option, VAE_HINT)
     if found is None or found.stage is None:  # not one of ours: Stable Diffusion's
@@ -232,7 +239,7 @@ def load_sd_system(
     vae = build(AutoencoderKL, vae_part, f"{where} (VAE)")
     # the file's tensors (memory-mapped pages) are not kept past this point
     unet_part.state, vae_part.state = {}, {}
-    text = OpenCLIPTextEncoder(pretrained=path, layer="auto")
+    text = sd_text_encoder(path, text_components(path) or ["text_encoder"])
     if text.width != unet.config["context_dim"]:
         raise InputError(
             f"{where}: the text encoder's {text.width}-d states do not fit the U-Net's "
@@ -253,6 +260,8 @@ def load_sd_system(
         size = record["image_size"]
     elif unet_part.sample_size:  # a diffusers folder says its size (in latents)
         size = unet_part.sample_size * vae.downsample_factor
+    elif unet_part.family == "sdxl":
+        size = 1024
     else:  # SD 2's v-prediction models were trained at 768 px, the rest at 512
         size = 768 if unet_part.family == "sd2" and prediction == "v_prediction" else 512
     system.run_config = {"model": {"schedule": schedule}, "data": {"image_size": size}}

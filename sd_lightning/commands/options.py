@@ -109,23 +109,39 @@ def check_finetune_options(finetune: DictConfig | None, context_length: int | No
             )
 
 
-def check_text_layer(text: DictConfig | None) -> None:
-    """``text_encoder.layer``: last, penultimate, auto or a number of blocks the tower has."""
+def text_nodes(text: DictConfig | None) -> list[tuple[str, DictConfig]]:
+    """``(option prefix, config)`` of each text encoder ``text_encoder`` builds: itself, or each
+    of SDXL's (``text_encoder.encoders.clip_l``...)."""
     if not text:
-        return
+        return []
+    encoders = text.get("encoders")
+    if encoders is None:
+        return [("text_encoder", text)]
+    items = encoders.items() if OmegaConf.is_dict(encoders) else enumerate(encoders)
+    return [(f"text_encoder.encoders.{k}", node) for k, node in items]
+
+
+def check_text_layer(text: DictConfig | None) -> None:
+    """``text_encoder.layer`` (of each encoder): last, penultimate, auto or a number of blocks
+    the tower has."""
+    for prefix, node in text_nodes(text):
+        _check_layer(node, f"{prefix}.layer")
+
+
+def _check_layer(text: DictConfig, option: str) -> None:
     layer = text.get("layer")
     if isinstance(layer, str):
-        choice(layer, "text_encoder.layer", ("last", "penultimate", "auto"))
+        choice(layer, option, ("last", "penultimate", "auto"))
         return
     if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
         raise InputError(
-            f"text_encoder.layer={layer!r}: give last, penultimate, auto or a number of final "
+            f"{option}={layer!r}: give last, penultimate, auto or a number of final "
             "blocks to skip (clip skip 2 is 1)"
         )
     blocks = text_blocks(text)
     if blocks is not None and layer >= blocks:
         raise InputError(
-            f"text_encoder.layer={layer} skips {layer} of the text encoder's {blocks} blocks: "
+            f"{option}={layer} skips {layer} of the text encoder's {blocks} blocks: "
             f"give at most {blocks - 1}"
         )
 
@@ -203,8 +219,9 @@ def check_training_options(cfg: DictConfig) -> None:
     check_data_options(cfg.get("data"))
     text = cfg.get("text_encoder")
     context = None
-    if text and text.get("random_text_cfg") is not None:
-        context = text.random_text_cfg.get("context_length")
+    first = (text_nodes(text) or [("", {})])[0][1]
+    if first.get("random_text_cfg") is not None:
+        context = first.random_text_cfg.get("context_length")
     check_finetune_options(cfg.get("finetune"), context)
     if cfg.get("stage") == "ldm":
         check_text_layer(text)

@@ -12,9 +12,9 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from sd_lightning.commands.options import check_add_ons, check_training_options
+from sd_lightning.commands.options import check_add_ons, check_training_options, text_nodes
 from sd_lightning.core.errors import InputError
 
 PROMPTS_EXAMPLE = """prompts='["a red circle", "a blue square"]'"""
@@ -133,30 +133,29 @@ def check_component_files(cfg: DictConfig) -> None:
     headers and config.json files are read."""
     from sd_lightning.weights.files import identify, identify_folder, read_weight_file
 
-    text = cfg.get("text_encoder") or {}
-    for option, value in (
-        ("vae_ckpt", cfg.get("vae_ckpt")),
-        ("text_encoder.pretrained", text.get("pretrained")),
-    ):
+    texts = [
+        (f"{p}.pretrained", n.get("pretrained")) for p, n in text_nodes(cfg.get("text_encoder"))
+    ]
+    for option, value in [("vae_ckpt", cfg.get("vae_ckpt")), *texts]:
         if not value or not os.path.isfile(str(value)):
             continue
         found = read_weight_file(str(value), option, "weights")
         keys = list(found.lazy_tensors(meta=True)) if found.kind == "safetensors" else []
         what = identify(keys, found.stage) if found.kind == "safetensors" else None
-        if what and not what.startswith(TAKES[option]):
+        takes = TAKES["vae_ckpt" if option == "vae_ckpt" else "text_encoder.pretrained"]
+        if what and not what.startswith(takes):
             raise InputError(f"{option}={str(value)!r} is {what}, not what {option}= takes")
     folders = {  # option -> (the folders it takes, what to say)
         "pretrained": ("a diffusers U-Net", "a whole pipeline folder or a unet/ folder"),
         "vae_ckpt": ("a diffusers VAE", "a whole pipeline folder or a vae/ folder"),
         "text_encoder.pretrained": ("a text encoder", "a whole pipeline or a text_encoder/ folder"),
     }
-    values = {"pretrained": cfg.get("pretrained"), "vae_ckpt": cfg.get("vae_ckpt")}
-    values["text_encoder.pretrained"] = text.get("pretrained")
+    values = {"pretrained": cfg.get("pretrained"), "vae_ckpt": cfg.get("vae_ckpt"), **dict(texts)}
     for option, value in values.items():
         if not value or not os.path.isdir(str(value)):
             continue
         what = identify_folder(str(value))
-        takes, said = folders[option]
+        takes, said = folders[option if option in folders else "text_encoder.pretrained"]
         if what and not what.startswith(("a diffusers pipeline", takes)):
             raise InputError(f"{option}={str(value)!r} is {what}: {option}= takes {said}")
 
@@ -260,9 +259,27 @@ def check_sampling(cfg: DictConfig) -> tuple[list[str], list[str] | str]:
     check_seed(cfg.seed)
     if int(cfg.seed) + len(prompts) - 1 > SEED_MAX:
         raise InputError(f"seed={cfg.seed}: image i uses seed + i, which must stay <= {SEED_MAX}")
+    for option, low in (("original_size", 1), ("crop", 0)):
+        size_pair(cfg.get(option), option, low)
     check_add_ons(cfg)
     check_sampling_source(str(cfg.ckpt))
     return prompts, negative if isinstance(negative, str) else negatives
+
+
+def size_pair(value: Any, option: str, low: int) -> tuple[int, int] | None:
+    """SDXL's micro-conditioning sizes: ``null`` or two whole numbers of at least ``low``."""
+    if value is None:
+        return None
+    values = list(value) if isinstance(value, (list, tuple, ListConfig)) else [value]
+    if len(values) != 2 or any(
+        isinstance(v, bool) or not isinstance(v, int) or v < low for v in values
+    ):
+        what = "[height, width]" if option == "original_size" else "[top, left]"
+        raise InputError(
+            f"{option}={value!r}: give {what}, two whole numbers of at least {low} (e.g. "
+            f"{option}=[{'1024,1024' if low else '0,0'}])"
+        )
+    return int(values[0]), int(values[1])
 
 
 def check_sampling_source(path: str) -> bool:

@@ -22,10 +22,13 @@ import os
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from sd_lightning.commands.options import text_nodes
+from sd_lightning.conditioning.text_encoders import sd_text_encoder_config
 from sd_lightning.core.errors import InputError
+from sd_lightning.weights.configs import LATENT_SCALES, NAMES
 from sd_lightning.weights.read import check_keys, read_sd_unet, read_sd_unet_ema, read_sd_vae
 from sd_lightning.weights.schedule import recorded
-from sd_lightning.weights.text import has_sd_text
+from sd_lightning.weights.text import text_components
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +42,6 @@ VAE_HINT = (
 )
 # what a unet= preset keeps under pretrained=: options of speed and memory, not of the function
 UNET_RUNTIME = ("dropout", "gradient_checkpointing", "fp32_norms", "channels_last")
-TEXT_ENCODER = "sd_lightning.conditioning.OpenCLIPTextEncoder"
 
 
 def configure(cfg: DictConfig) -> None:
@@ -67,25 +69,44 @@ def _configure_ldm(cfg: DictConfig, path: str) -> None:
     cfg.unet.update(runtime)
     if cfg.get("vae_ckpt") is None:
         cfg.vae_ckpt = path
-    text = cfg.text_encoder
-    # the stage's default random tower gives way to SD's own text encoder, if the weights hold one
-    if text.get("random_text_cfg") is not None and has_sd_text(path):
-        cfg.text_encoder = OmegaConf.create(
-            {"_target_": TEXT_ENCODER, "pretrained": path, "layer": "auto"}
-        )
-    if cfg.text_encoder.get("pretrained") == path:
-        text_from = "from it"
+    components = text_components(path)
+    # the stage's default random tower gives way to SD's own text encoder(s), if the weights hold
+    if _random(cfg.text_encoder) and components:
+        cfg.text_encoder = OmegaConf.create(sd_text_encoder_config(path, components))
+    if cfg.model.get("latent_scale") is None:  # what the U-Net learnt on, whichever VAE decodes
+        cfg.model.latent_scale = _latent_scale(path, part.family)
+    nodes = [node for _, node in text_nodes(cfg.text_encoder)]
+    if all(str(node.get("pretrained")) == path for node in nodes):
+        two = " (two: CLIP ViT-L and OpenCLIP ViT-bigG)" if len(nodes) > 1 else ""
+        text_from = "from it" + two
     else:
-        text_from = "from text_encoder=" + ("" if has_sd_text(path) else " (the weights hold none)")
+        text_from = "from text_encoder=" + ("" if components else " (the weights hold none)")
     log.info(
         "pretrained: %s U-Net from %s (%d levels, %d-d context); VAE from %s; text encoder %s",
-        f"{part.family}'s" if part.family else "an SD-layout",
+        f"{NAMES[part.family]}'s" if part.family else "an SD-layout",
         path,
         len(part.config["channel_mult"]),
         part.config["context_dim"],
         cfg.vae_ckpt,
         text_from,
     )
+
+
+def _random(text: DictConfig) -> bool:
+    """Whether a ``text_encoder`` config builds random towers only (the stage's default)."""
+    if "encoders" in text:
+        encoders = text.encoders.values() if OmegaConf.is_dict(text.encoders) else text.encoders
+        return all(e.get("random_text_cfg") is not None for e in encoders)
+    return text.get("random_text_cfg") is not None
+
+
+def _latent_scale(path: str, family: str | None) -> float | None:
+    """The latent scale SD weights' U-Net was trained with: what the release's VAE records (our
+    exports, diffusers folders), else the family's; ``None`` where neither says."""
+    try:
+        return read_sd_vae(path, "pretrained", HINT, meta=True).latent_scale
+    except InputError:  # no VAE in the weights: the family's
+        return LATENT_SCALES.get(family) if family else None
 
 
 def _configure_sampling(cfg: DictConfig, path: str) -> None:

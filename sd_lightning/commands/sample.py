@@ -16,7 +16,7 @@ import torch
 from omegaconf import DictConfig
 
 from sd_lightning.commands.open import apply_loras, load_ldm
-from sd_lightning.commands.preflight import check_sampling
+from sd_lightning.commands.preflight import check_sampling, size_pair
 from sd_lightning.core.errors import InputError
 from sd_lightning.data.images import save_png, to_uint8
 from sd_lightning.finetune.embedding_files import load_embeddings
@@ -67,6 +67,8 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
             prompts,
             seeds=seeds,
             image_size=cfg.image_size,
+            original_size=size_pair(cfg.get("original_size"), "original_size", 1),
+            crop=size_pair(cfg.get("crop"), "crop", 0) or (0, 0),
             sampler=cfg.sampler,
             steps=cfg.steps,
             guidance=cfg.guidance,

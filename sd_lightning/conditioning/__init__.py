@@ -5,5 +5,6 @@ optional vector added to the time embedding."""
 
 from sd_lightning.conditioning.conditioner import Conditioner
 from sd_lightning.conditioning.text_encoder import OpenCLIPTextEncoder
+from sd_lightning.conditioning.text_encoders import TextEncoders
 
-__all__ = ["Conditioner", "OpenCLIPTextEncoder"]
+__all__ = ["Conditioner", "OpenCLIPTextEncoder", "TextEncoders"]

@@ -1,8 +1,12 @@
-"""The frozen OpenCLIP text encoder that conditions the U-Net (SD 2.x's ``FrozenOpenCLIPEmbedder``).
+"""The frozen OpenCLIP text encoder that conditions the U-Net (SD 2.x's ``FrozenOpenCLIPEmbedder``,
+and each of SDXL's two).
 
 Captions -> OpenCLIP's tokenizer -> token embedding + positions -> the text transformer, stopping
-``layer`` blocks early ("penultimate" as SD 2 does, or "last") -> ``ln_final`` -> token states
-``(batch, context_length, width)`` for cross-attention. Always under ``no_grad``, never trained.
+``layer`` blocks early ("penultimate" as SD 2 does, or "last") -> ``ln_final`` (SD 1/2; SDXL
+reads the states without it) -> token states ``(batch, context_length, width)`` for
+cross-attention. With ``pooled``, also the pooled vector SDXL adds to the time embedding: the
+last block's output after ``ln_final`` at the end-of-text token, through ``text_projection``.
+Always under ``no_grad``, never trained.
 
 Real weights come from ``open_clip.create_model(name, pretrained=tag or local file)``; the vision
 tower is dropped. Where they cannot be had (no network, no cache), the error says how to provide
@@ -44,6 +48,12 @@ class OpenCLIPTextEncoder(nn.Module):
         quick_gelu: the tower's activation: QuickGELU (CLIP ViT-L/14 as OpenAI trained it, SD 1)
             or GELU; ``None``: what the OpenCLIP tag records (``openai``: QuickGELU), GELU for
             a random tower. SD weights say it themselves.
+        final_norm: the token states through ``ln_final`` (SD 1/2) or not (SDXL); ``None``: what
+            the SD weights were trained with, else ``True``.
+        pooled: also give the pooled, projected end-of-text vector (:meth:`encode`; SDXL's
+            OpenCLIP ViT-bigG/14).
+        component: which text encoder of SD weights: ``text_encoder`` or, in SDXL's,
+            ``text_encoder_2`` (diffusers' folder names; SGM's ``conditioner.embedders.0/1``).
         random_text_cfg: if set (``width``, ``heads``, ``layers``, ``context_length``...), a
             random-initialised ``open_clip`` ``TextTransformer`` of that size instead of ``name``.
         seed: seeds the random tower, so every process and every run builds the same one.
@@ -60,6 +70,9 @@ class OpenCLIPTextEncoder(nn.Module):
         cache_dir: str | None = None,
         pad: str | None = None,
         quick_gelu: bool | None = None,
+        final_norm: bool | None = None,
+        pooled: bool = False,
+        component: str = "text_encoder",
     ):
         super().__init__()
         import open_clip
@@ -86,12 +99,13 @@ class OpenCLIPTextEncoder(nn.Module):
                 seed,
             )
         elif sd:  # Stable Diffusion's own text encoder, from its single file or folder
-            tower, found = _sd_tower(str(pretrained))
+            tower, found = _sd_tower(str(pretrained), component)
             self.tokenizer = open_clip.tokenizer.SimpleTokenizer(
                 context_length=tower.context_length
             )
             pad = pad or found["pad"]
             layer = found["layer"] if layer == "auto" else layer
+            final_norm = found["final_norm"] if final_norm is None else final_norm
         else:
             if pretrained is None:
                 raise InputError(
@@ -113,7 +127,15 @@ class OpenCLIPTextEncoder(nn.Module):
         blocks = len(tower.transformer.resblocks)
         if not 0 <= layer < blocks:
             raise ValueError(f"text_encoder.layer={layer} skips too many of {blocks} blocks")
+        if pooled and getattr(tower, "text_projection", None) is None:
+            raise InputError(
+                "text_encoder: pooled=true needs a tower with a text projection (SDXL's OpenCLIP "
+                "ViT-bigG/14, or random_text_cfg.output_dim)"
+            )
         self.skip = layer
+        self.final_norm = True if final_norm is None else bool(final_norm)
+        self.pooled = bool(pooled)
+        self.pooled_dim = _projection_dim(tower) if pooled else None
         self.random = random_text_cfg is not None  # no release's weights: exports leave it out
         self.pad_eot = pad == "eot"  # SD 1's CLIP: padded with the end-of-text token, not 0
         self.tower = tower.requires_grad_(False).eval()
@@ -208,11 +230,17 @@ class OpenCLIPTextEncoder(nn.Module):
     def forward(self, captions: Sequence[str], extra: torch.Tensor | None = None) -> torch.Tensor:
         """Token states of ``captions``; ``extra``: the embeddings of the last added tokens, when
         they train (gradients reach them and the tower's LoRA adapters, never its weights)."""
+        return self.encode(captions, extra)[0]
+
+    def encode(
+        self, captions: Sequence[str], extra: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(token states, pooled vector or None)`` of ``captions`` (see :meth:`forward`)."""
         trained = self.trains or (extra is not None and extra.requires_grad)
         with torch.set_grad_enabled(trained and torch.is_grad_enabled()):
             return self._states(captions, extra)
 
-    def _states(self, captions: Sequence[str], extra: torch.Tensor | None) -> torch.Tensor:
+    def _states(self, captions: Sequence[str], extra: torch.Tensor | None) -> tuple:
         tower = self.tower
         device = tower.positional_embedding.device
         tokens = self.tokenizer(self.expand(captions)).to(device)
@@ -223,20 +251,38 @@ class OpenCLIPTextEncoder(nn.Module):
         mask = tower.attn_mask
         batch_first = getattr(tower.transformer, "batch_first", True)
         x = x if batch_first else x.transpose(0, 1)
-        for block in tower.transformer.resblocks[: len(tower.transformer.resblocks) - self.skip]:
+        blocks = tower.transformer.resblocks
+        stop = len(blocks) - self.skip
+        states = x
+        for i, block in enumerate(blocks[: len(blocks) if self.pooled else stop]):
             x = block(x, attn_mask=mask)
-        x = x if batch_first else x.transpose(0, 1)
-        return tower.ln_final(x)
+            if i == stop - 1:
+                states = x
+        t = (lambda y: y) if batch_first else (lambda y: y.transpose(0, 1))
+        states = tower.ln_final(t(states)) if self.final_norm else t(states)
+        if not self.pooled:
+            return states, None
+        # the last block's output, normed, at the end-of-text token (the highest id: OpenCLIP's
+        # and SGM's argmax, transformers' too for SDXL's bigG), projected
+        last = tower.ln_final(t(x))
+        eot = last[torch.arange(len(last), device=device), tokens.argmax(dim=-1)]
+        proj = tower.text_projection
+        return states, proj(eot) if isinstance(proj, nn.Linear) else eot @ proj
 
 
-def _sd_tower(path: str) -> tuple[nn.Module, dict[str, Any]]:
+def _projection_dim(tower: nn.Module) -> int:
+    proj = tower.text_projection
+    return proj.out_features if isinstance(proj, nn.Linear) else proj.shape[1]
+
+
+def _sd_tower(path: str, component: str = "text_encoder") -> tuple[nn.Module, dict[str, Any]]:
     """OpenCLIP's ``TextTransformer`` with Stable Diffusion's text weights (every key checked)."""
     import open_clip
 
     from sd_lightning.weights.read import check_keys
     from sd_lightning.weights.text import read_sd_text
 
-    part = read_sd_text(path, "text_encoder.pretrained", SD_HINT)
+    part = read_sd_text(path, "text_encoder.pretrained", SD_HINT, component)
     cfg = part.config
     act = open_clip.transformer.QuickGELU if cfg["quick_gelu"] else nn.GELU
     norm = partial(open_clip.transformer.LayerNorm, eps=cfg["layer_norm_eps"])
@@ -247,7 +293,7 @@ def _sd_tower(path: str) -> tuple[nn.Module, dict[str, Any]]:
         heads=cfg["heads"],
         layers=cfg["layers"],
         mlp_ratio=cfg["mlp_ratio"],
-        output_dim=None,  # SD reads the token states, not the pooled projection
+        output_dim=cfg.get("projection_dim"),  # SDXL's bigG pools; SD reads token states only
         act_layer=act,
         norm_layer=norm,
     )

@@ -2,13 +2,16 @@
 
 One sample per image: ``<key>.mean.npy`` and ``<key>.logvar.npy`` (the frozen VAE's posterior,
 unscaled, ``(C, h, w)``), ``<key>.txt`` (the caption), optionally ``<key>.text.npy`` (the frozen
-text encoder's token states, ``(L, D)``) and ``<key>.json`` (source key, image size). Arrays are
-``.npy`` written and read with ``allow_pickle=False``: nothing is unpickled from data.
+text encoder's token states, ``(L, D)``) and ``<key>.pooled.npy`` (SDXL's pooled text vector),
+and ``<key>.json`` (source key; the original size, crop and target size the image was cropped
+with, SDXL's micro-conditioning). Arrays are ``.npy`` written and read with
+``allow_pickle=False``: nothing is unpickled from data.
 """
 
 from __future__ import annotations
 
 import io
+import json
 from typing import Any
 
 import numpy as np
@@ -29,8 +32,12 @@ def load_npy(data: bytes) -> torch.Tensor:
     return torch.from_numpy(np.load(io.BytesIO(data), allow_pickle=False).astype(np.float32))
 
 
+FIELDS = ("original_size", "crop_top_left", "target_size")  # the crop's geometry, kept
+
+
 class LatentSampleDecoder:
-    """A latent sample -> ``{"latent_mean", "latent_logvar", "caption"[, "text_states"]}``."""
+    """A latent sample -> ``{"latent_mean", "latent_logvar", "caption"[, "text_states",
+    "text_pooled"]}`` and the crop's geometry where the shard kept it."""
 
     def __init__(self, text_states: bool = True):
         self.text_states = text_states
@@ -50,6 +57,11 @@ class LatentSampleDecoder:
                     "data.text_states=false (the text encoder then runs on the captions)"
                 )
             out["text_states"] = load_npy(sample["text.npy"])
+            if "pooled.npy" in sample:
+                out["text_pooled"] = load_npy(sample["pooled.npy"])
+        if "json" in sample:
+            record = json.loads(sample["json"])
+            out.update({f: torch.tensor(record[f]) for f in FIELDS if f in record})
         return out
 
 

@@ -13,7 +13,7 @@ import torch
 
 from sd_lightning.diffusion.conditions import Conditions, as_conditions
 from sd_lightning.diffusion.prediction import Denoiser
-from sd_lightning.diffusion.samplers import SAMPLERS
+from sd_lightning.diffusion.samplers import FINAL, SAMPLERS
 from sd_lightning.diffusion.schedules import sampling_schedule
 
 
@@ -61,7 +61,7 @@ def generate(
     guidance: float = 7.5,
     negative_prompt: str | Sequence[str] = "",
     spacing: str = "leading",
-    final: str = "first",
+    final: str | None = None,
     batch_size: int = 8,
     device: torch.device | str = "cpu",
     callback: Callable | None = None,
@@ -77,6 +77,7 @@ def generate(
         raise ValueError(f"sampler must be one of {sorted(SAMPLERS)}, got {sampler!r}")
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+    final = final or FINAL[sampler]  # where the sampler ends (Euler: clean data)
     ts, abar_steps = sampling_schedule(abar.cpu(), steps, spacing, final=final)
     ts, abar_steps = ts.to(device), abar_steps.to(device)
     images = []

@@ -87,4 +87,31 @@ def sample_dpmpp_2m(
     return x
 
 
-SAMPLERS = {"ddim": sample_ddim, "ddpm": sample_ddpm, "dpmpp_2m": sample_dpmpp_2m}
+@torch.no_grad()
+def sample_euler(
+    model, x, ts, abar, extra_args=None, callback: Callable | None = None, generator=None
+):
+    """Euler's method on the probability-flow ODE in sigma space (Karras et al. 2022, arXiv
+    2206.00364, Algorithm 1 without churn; k-diffusion's ``sample_euler``, diffusers'
+    ``EulerDiscreteScheduler``): ``x/a + (sigma_next - sigma) * eps`` with ``sigma =
+    sqrt((1 - abar) / abar)``, written back in VP terms (``a = sqrt(abar)``). It is DDIM's
+    update; what sets it apart is where it ends: at clean data (sigma 0), by default
+    (:data:`FINAL`)."""
+    extra_args = extra_args or {}
+    for i, t in enumerate(ts):
+        x0, eps = model(x, t, **extra_args)
+        x = abar[i + 1].sqrt() * x0 + (1 - abar[i + 1]).sqrt() * eps
+        if callback is not None:
+            callback({"i": i, "t": t, "x": x, "x0": x0})
+    return x
+
+
+SAMPLERS = {
+    "ddim": sample_ddim,
+    "ddpm": sample_ddpm,
+    "dpmpp_2m": sample_dpmpp_2m,
+    "euler": sample_euler,
+}
+# where each sampler ends by default: "first" (alphas_cumprod[0], SD's DDIM scheduler config),
+# "one" (clean data: diffusers' Euler, final_sigmas_type="zero")
+FINAL = {"ddim": "first", "ddpm": "first", "dpmpp_2m": "first", "euler": "one"}

@@ -80,6 +80,11 @@ def read_embedding(path: str, option: str = "embeddings") -> tuple[str, torch.Te
 def load_embeddings(text_encoder: torch.nn.Module, paths: Any) -> list[str]:
     """Add every embedding of ``paths`` to ``text_encoder``; returns their words."""
     paths = [paths] if isinstance(paths, str) else list(paths or [])
+    if paths and not hasattr(text_encoder, "add_embedding"):
+        raise InputError(
+            f"embeddings={[str(p) for p in paths]}: this model's text encoders "
+            f"({type(text_encoder).__name__}, SDXL's two) take no embeddings yet"
+        )
     words = []
     for path in paths:
         word, vectors = read_embedding(str(path))

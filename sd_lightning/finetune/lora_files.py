@@ -82,18 +82,24 @@ def _diffusers_unet_name(path: str) -> str:
 
 
 def kohya_metadata(
-    rank: int, alpha: float, context: int, prediction: str, image_size: int
+    rank: int, alpha: float, context: int, prediction: str, image_size: int, sdxl: bool = False
 ) -> dict[str, str]:
     """kohya's ``ss_*`` keys (``train_network.py``: ``ss_v2``, ``ss_base_model_version`` as
-    ``get_model_version_str_for_sd1_sd2`` spells it) and SAI's ``modelspec.*`` of an SD 1/2 LoRA;
-    AUTOMATIC1111 files a LoRA under SD 2 by ``ss_v2 == "True"`` (``network.py``)."""
-    v2, v = context == 1024, prediction == "v_prediction"
+    ``get_model_version_str_for_sd1_sd2`` spells it, ``sdxl_base_v1-0`` for SDXL) and SAI's
+    ``modelspec.*``; AUTOMATIC1111 files a LoRA under SD 2 by ``ss_v2 == "True"``
+    (``network.py``), under SDXL by its SGM layer names."""
+    v2, v = context == 1024 and not sdxl, prediction == "v_prediction"
     version = ("sd_v2" if v2 else "sd_v1" if context == 768 else f"context_{context}") + (
         "_v" if v else ""
     )
     architecture = "stable-diffusion-v1"
     if v2:
         architecture = "stable-diffusion-v2-768-v" if v else "stable-diffusion-v2-512"
+    if sdxl:
+        version, architecture = (
+            "sdxl_base_v1-0" + ("_v" if v else ""),
+            "stable-diffusion-xl-v1-base",
+        )
     return {
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(rank),
@@ -120,8 +126,10 @@ def lora_files(
 ) -> dict[str, tuple[dict[str, torch.Tensor], dict[str, str]]]:
     """``{"lora": kohya's file, "pytorch_lora_weights": diffusers'}``: tensors and metadata,
     from ``adapter_state``'s ``<module>.lora_A`` / ``.lora_B`` of the U-Net (and of the text
-    tower: ``text``)."""
+    tower: ``text``). kohya names an SD 1/2 U-Net's layers by diffusers' paths and an SDXL
+    U-Net's by SGM's (``lora_unet_input_blocks_4_1_...``), which are ours."""
     names = diffusers_names(unet)
+    sdxl = unet.config.get("adm_in_channels") is not None
     kohya, diff = {}, {}
 
     def add(kohya_stem: str, diffusers_stem: str, a, b, down: str, up: str) -> None:
@@ -136,11 +144,12 @@ def lora_files(
             module = key[: -len(".lora_A")]
             path, b = names[module], adapters[module + ".lora_B"]
             stem = _diffusers_unet_name(path)
-            add(KOHYA_UNET + path.replace(".", "_"), stem, a, b, ".down.weight", ".up.weight")
+            kohya_path = (module if sdxl else path).replace(".", "_")
+            add(KOHYA_UNET + kohya_path, stem, a, b, ".down.weight", ".up.weight")
     for path, (a, b) in text_pairs(text or {}).items():
         stem = DIFFUSERS_TEXT + path
         add(KOHYA_TEXT + path.replace(".", "_"), stem, a, b, ".lora_A.weight", ".lora_B.weight")
-    meta = kohya_metadata(rank, alpha, unet.config["context_dim"], prediction, image_size)
+    meta = kohya_metadata(rank, alpha, unet.config["context_dim"], prediction, image_size, sdxl)
 
     def plain(state):
         return {k: v.detach().float().cpu().contiguous() for k, v in state.items()}

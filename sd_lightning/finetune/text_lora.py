@@ -80,8 +80,14 @@ def adapt_text_encoder(text_encoder: nn.Module, rank: int, alpha: float, dropout
     tower = getattr(text_encoder, "tower", None)
     if tower is None:
         raise InputError(
-            f"finetune.text_encoder=true needs an OpenCLIP/CLIP text encoder, not "
+            f"finetune.text_encoder=true needs one OpenCLIP/CLIP text encoder, not "
             f"{type(text_encoder).__name__}"
+            + (
+                " (SDXL's two text encoders: not supported yet; the U-Net's LoRA, "
+                "DreamBooth and full fine-tuning are)"
+                if hasattr(text_encoder, "encoders")
+                else ""
+            )
         )
     blocks = tower.transformer.resblocks[: len(tower.transformer.resblocks) - text_encoder.skip]
     names = []

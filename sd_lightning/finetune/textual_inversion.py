@@ -69,8 +69,14 @@ class TextualInversion:
         """Add the word to ``text_encoder`` and return its trainable vectors."""
         if not hasattr(text_encoder, "add_embedding"):
             raise InputError(
-                f"finetune=textual_inversion needs an OpenCLIP/CLIP text encoder, not "
+                f"finetune=textual_inversion needs one OpenCLIP/CLIP text encoder, not "
                 f"{type(text_encoder).__name__}"
+                + (
+                    " (SDXL's two text encoders: not supported yet; the U-Net's LoRA, "
+                    "DreamBooth and full fine-tuning are)"
+                    if hasattr(text_encoder, "encoders")
+                    else ""
+                )
             )
         ids = text_encoder.tokenizer.encode(self.init_word)
         if not ids:

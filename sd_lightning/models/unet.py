@@ -44,7 +44,9 @@ class UNetModel(nn.Module):
             (SD: ``[0, 1, 2]``; CompVis writes this as ``attention_resolutions: [4, 2, 1]``).
         num_heads / num_head_channels: heads per transformer (SD 1.x: 8 heads) or channels per
             head (SD 2.x: 64); exactly one of them is set (the other is -1).
-        transformer_depth: transformer blocks per spatial transformer.
+        transformer_depth: transformer blocks per spatial transformer: one number for every
+            level, or one per level (SDXL: ``[0, 2, 10]``; a level without attention takes 0).
+        transformer_depth_middle: the middle block's (``None``: the last level's, as SGM).
         context_dim: width of the text encoder's token states (768 SD 1.x, 1024 SD 2.x).
         use_linear_in_transformer: linear instead of 1x1-conv projections (SD 2.x).
         norm_groups: GroupNorm groups everywhere (32 in SD; smaller for tiny models).
@@ -72,7 +74,8 @@ class UNetModel(nn.Module):
         attention_levels: Sequence[int] = (0, 1, 2),
         num_heads: int = 8,
         num_head_channels: int = -1,
-        transformer_depth: int = 1,
+        transformer_depth: int | Sequence[int] = 1,
+        transformer_depth_middle: int | None = None,
         context_dim: int = 768,
         use_linear_in_transformer: bool = False,
         norm_groups: int = 32,
@@ -95,6 +98,14 @@ class UNetModel(nn.Module):
                 f"unet.attention_levels {list(attention_levels)} name levels outside "
                 f"0..{len(channel_mult) - 1} (one level per entry of channel_mult)"
             )
+        depths, middle = _depths(transformer_depth, transformer_depth_middle, channel_mult)
+        shallow = [lvl for lvl in attention_levels if depths[lvl] < 1]
+        if shallow:
+            raise ValueError(
+                f"unet.transformer_depth={_plain(transformer_depth)} gives attention level(s) "
+                f"{shallow} no transformer block: give those levels 1 or more, or leave them "
+                "out of unet.attention_levels"
+            )
         self.config = {
             "in_channels": in_channels,
             "out_channels": out_channels,
@@ -104,12 +115,15 @@ class UNetModel(nn.Module):
             "attention_levels": list(attention_levels),
             "num_heads": num_heads,
             "num_head_channels": num_head_channels,
-            "transformer_depth": transformer_depth,
+            "transformer_depth": _plain(transformer_depth),
             "context_dim": context_dim,
             "use_linear_in_transformer": use_linear_in_transformer,
             "norm_groups": norm_groups,
         }
-        if adm_in_channels is not None:  # recorded only where set: SD 1/2 configs unchanged
+        # recorded only where set: SD 1/2 configs unchanged
+        if transformer_depth_middle is not None:
+            self.config["transformer_depth_middle"] = transformer_depth_middle
+        if adm_in_channels is not None:
             self.config["adm_in_channels"] = adm_in_channels
         self.gradient_checkpointing = gradient_checkpointing
         self.model_channels = model_channels
@@ -117,14 +131,14 @@ class UNetModel(nn.Module):
         emb_dim = model_channels * 4
         groups = norm_groups
 
-        def transformer(ch: int) -> SpatialTransformer:
+        def transformer(ch: int, depth: int) -> SpatialTransformer:
             heads = num_heads if num_heads != -1 else ch // num_head_channels
             dim_head = ch // heads
             return SpatialTransformer(
                 ch,
                 heads,
                 dim_head,
-                transformer_depth,
+                depth,
                 context_dim,
                 groups,
                 use_linear_in_transformer,
@@ -152,7 +166,7 @@ class UNetModel(nn.Module):
                 ]
                 ch = mult * model_channels
                 if level in attention_levels:
-                    layers.append(transformer(ch))
+                    layers.append(transformer(ch, depths[level]))
                 self.input_blocks.append(Stack(layers))
                 skip_channels.append(ch)
             if level != len(channel_mult) - 1:
@@ -162,7 +176,7 @@ class UNetModel(nn.Module):
         self.middle_block = Stack(
             [
                 ResBlock(ch, emb_dim, ch, dropout, groups),
-                transformer(ch),
+                transformer(ch, middle),
                 ResBlock(ch, emb_dim, ch, dropout, groups),
             ]
         )
@@ -174,7 +188,7 @@ class UNetModel(nn.Module):
                 layers = [ResBlock(ch + skip, emb_dim, mult * model_channels, dropout, groups)]
                 ch = mult * model_channels
                 if level in attention_levels:
-                    layers.append(transformer(ch))
+                    layers.append(transformer(ch, depths[level]))
                 if level and i == num_res_blocks:
                     layers.append(Upsample(ch))
                 self.output_blocks.append(Stack(layers))
@@ -229,3 +243,27 @@ class UNetModel(nn.Module):
         for block in self.output_blocks:
             h = block(torch.cat([h, skips.pop()], dim=1), emb, context, ckpt)
         return self.out(h)
+
+
+def _plain(depth: int | Sequence[int]) -> int | list[int]:
+    return depth if isinstance(depth, int) else [int(d) for d in depth]
+
+
+def _depths(
+    depth: int | Sequence[int], middle: int | None, channel_mult: Sequence[int]
+) -> tuple[list[int], int]:
+    """Transformer blocks per level and in the middle block, checked."""
+    levels = len(channel_mult)
+    depths = [depth] * levels if isinstance(depth, int) else [int(d) for d in depth]
+    if len(depths) != levels or min(depths) < 0:
+        raise ValueError(
+            f"unet.transformer_depth={_plain(depth)}: give one number, or one per level "
+            f"({levels}, as channel_mult), none negative (SDXL: [0, 2, 10])"
+        )
+    middle = depths[-1] if middle is None else int(middle)
+    if middle < 1:
+        raise ValueError(
+            f"the middle block's transformer needs 1 or more blocks, got {middle}: set "
+            "unet.transformer_depth_middle (it defaults to the last level's depth)"
+        )
+    return depths, middle

@@ -12,7 +12,7 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from sd_lightning.core import stopping
-from sd_lightning.data.latents import npy_bytes
+from sd_lightning.data.latents import FIELDS, npy_bytes
 from sd_lightning.data.transforms import to_model_range
 from sd_lightning.data.writer import ShardWriter
 from sd_lightning.models.autoencoder import AutoencoderKL
@@ -21,7 +21,9 @@ from sd_lightning.models.frozen import Frozen
 
 class EncodeSystem(L.LightningModule):
     """``predict_step(batch) -> samples``: posterior mean and log-variance of each image, its
-    caption, and (optionally) the text encoder's token states, as ``dtype`` numpy arrays."""
+    caption and crop geometry (original size, crop, target size: SDXL's micro-conditioning),
+    and (optionally) the text encoder's token states and, where it pools (SDXL), its pooled
+    vector, as ``dtype`` numpy arrays."""
 
     def __init__(
         self, vae: AutoencoderKL, text_encoder: torch.nn.Module | None, dtype: str = "float16"
@@ -38,20 +40,28 @@ class EncodeSystem(L.LightningModule):
         posterior = self.vae.net.encode(to_model_range(batch["image"]))
         mean = posterior.mean.float().cpu().numpy().astype(self.np_dtype)
         logvar = posterior.logvar.float().cpu().numpy().astype(self.np_dtype)
-        states = None
+        states = pooled = None
         if self.text_encoder is not None:
-            states = self.text_encoder(batch["caption"]).float().cpu().numpy()
-            states = states.astype(self.np_dtype)
+            states, pooled = self.text_encoder.net.encode(batch["caption"])
+            states = states.float().cpu().numpy().astype(self.np_dtype)
+            if pooled is not None:
+                pooled = pooled.float().cpu().numpy().astype(self.np_dtype)
         samples = []
         for i, (caption, key) in enumerate(zip(batch["caption"], batch["key"])):
+            record = {"source_key": key}
+            for field in FIELDS:  # the crop's geometry, where the pipeline gave it
+                if field in batch:
+                    record[field] = [int(v) for v in batch[field][i]]
             sample = {
                 "mean.npy": npy_bytes(mean[i]),
                 "logvar.npy": npy_bytes(logvar[i]),
                 "txt": caption.encode(),
-                "json": json.dumps({"source_key": key}).encode(),
+                "json": json.dumps(record).encode(),
             }
             if states is not None:
                 sample["text.npy"] = npy_bytes(states[i])
+            if pooled is not None:
+                sample["pooled.npy"] = npy_bytes(pooled[i])
             samples.append(sample)
         return samples
 

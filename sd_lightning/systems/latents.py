@@ -20,7 +20,29 @@ class LatentsMixin:
 
     @torch.no_grad()
     def encode_images(self, x: torch.Tensor, generator: torch.Generator | None = None):
-        return self._scaled_latents(self.vae.encode(x), generator)
+        """The frozen VAE's scaled latents of images. Under float16 autocast
+        (``trainer.precision=16-mixed``) the VAE runs in float32 unless it was loaded with
+        ``fp16=True``: SDXL's VAE overflows in float16 (NaN latents, black images), SD's can."""
+        fp16 = x.device.type != "cpu" and torch.is_autocast_enabled(x.device.type)
+        fp16 = fp16 and torch.get_autocast_dtype(x.device.type) == torch.float16
+        if fp16 and not getattr(self.vae, "fp16", False):
+            with torch.autocast(x.device.type, enabled=False):
+                posterior = self.vae.encode(x.float())
+        else:
+            posterior = self.vae.encode(x)
+        z = self._scaled_latents(posterior, generator)
+        if (fp16 or not getattr(self, "_latents_checked", False)) and not torch.isfinite(z).all():
+            raise InputError(
+                "the VAE's latents are not finite (NaN/inf) for this batch"
+                + (
+                    ": it ran in float16, where SDXL's VAE overflows; load it without fp16 "
+                    "(model.vae.fp16=false) or use a VAE fixed for float16 (sdxl-vae-fp16-fix)"
+                    if fp16 and getattr(self.vae, "fp16", False)
+                    else ": check the images and vae_ckpt= (a VAE of another family or a damaged file)"
+                )
+            )
+        self._latents_checked = True  # the first batch always (one sync), float16 every batch
+        return z
 
     def batch_latents(self, batch: dict, generator: torch.Generator | None = None):
         """Scaled latents of a batch: encoded online from ``image``, or drawn from the stored

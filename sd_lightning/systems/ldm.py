@@ -182,6 +182,7 @@ class LatentDiffusionSystem(
             offload=offload_text_encoder,
             embeddings=self.embeddings,
             trains_text=text_tower is not None,
+            vector_dim=unet.config.get("adm_in_channels"),  # SDXL: pooled text and sizes
         )
         self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
         self.prediction = prediction
@@ -287,7 +288,8 @@ class LatentDiffusionSystem(
         self.count_skipped(batch)
         rng = self.step_rng()  # timesteps, noise, posterior samples, caption dropout
         z = self.batch_latents(batch, rng)
-        conditions = self.conditioner(batch, rng, train=True)  # captions dropped for guidance
+        size = [n * self.vae.downsample_factor for n in z.shape[-2:]]  # where the batch has none
+        conditions = self.conditioner(batch, rng, train=True, size=size)  # some captions dropped
         noise = offset_noise(z.shape, self.offset_noise, rng, device=z.device, dtype=z.dtype)
         n = len(self.alphas_cumprod)
         t = torch.randint(0, n, (z.shape[0],), generator=rng, device=z.device)
@@ -325,7 +327,10 @@ class LatentDiffusionSystem(
         noise = torch.randn(z.shape, generator=generator).to(z)
         n = len(self.alphas_cumprod)
         t = ((torch.arange(bs) + 0.5) * n / bs).long().clamp(max=n - 1).to(z.device)  # stratified
-        loss = self.diffusion_loss(self.sampling_net, z, self.conditioner(batch), t, noise)
+        size = [n * self.vae.downsample_factor for n in z.shape[-2:]]
+        loss = self.diffusion_loss(
+            self.sampling_net, z, self.conditioner(batch, size=size), t, noise
+        )
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=bs)
 
     # -- optimizers --------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import torch
@@ -39,12 +40,15 @@ class SamplingMixin:
         prompts: Sequence[str],
         seeds: Sequence[int] | None = None,
         image_size: int | None = None,
+        original_size: Sequence[int] | None = None,
+        crop: Sequence[int] = (0, 0),
         **sampler: Any,
     ) -> torch.Tensor:
         """Images in [-1, 1] for ``prompts`` with the EMA U-Net; seed ``val_seed + i`` for the
         i-th when ``seeds`` is not given. ``image_size``: by default the size the U-Net was
         trained at; ``spacing`` (null): trailing with a zero-terminal-SNR schedule, else
-        leading."""
+        leading. ``original_size`` (height, width) and ``crop`` (top, left): SDXL's
+        micro-conditioning (by default the image's size and no crop)."""
         if sampler.get("spacing") is None:
             sampler["spacing"] = self.default_spacing
         seeds = (
@@ -59,7 +63,9 @@ class SamplingMixin:
             return generate(
                 unet=self.sampling_net,
                 decode=self.decode_latents,
-                encode_text=self.conditioner.encode,
+                encode_text=partial(
+                    self.conditioner.encode, size=(size, size), original=original_size, crop=crop
+                ),
                 prompts=prompts,
                 seeds=seeds,
                 abar=self.alphas_cumprod,

@@ -48,6 +48,8 @@ def openclip_from_hf(state: dict[str, torch.Tensor], where: str) -> dict[str, to
             out[f"{oc}attn.in_proj_{kind}"] = torch.cat(qkv)
             for a, b in _LAYER.items():
                 out[f"{oc}{b}{kind}"] = take(f"{hf}{a}{kind}")
+    if "text_projection.weight" in state:  # CLIPTextModelWithProjection (SDXL's second)
+        out["text_projection"] = take("text_projection.weight").T
     ignored = {"embeddings.position_ids"}  # a buffer older transformers saved
     left = [k for k in state if k not in used and k not in ignored]
     if left:
@@ -56,7 +58,8 @@ def openclip_from_hf(state: dict[str, torch.Tensor], where: str) -> dict[str, to
 
 
 def hf_from_openclip(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The way back (``text_model.*`` names, as SD 1.x single files hold them)."""
+    """The way back (``text_model.*`` names, as SD 1.x single files hold them; a projection as
+    ``CLIPTextModelWithProjection``'s ``text_projection.weight``)."""
     p = HF_PREFIX
     out = {
         p + "embeddings.token_embedding.weight": state["token_embedding.weight"],
@@ -64,6 +67,8 @@ def hf_from_openclip(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         p + "final_layer_norm.weight": state["ln_final.weight"],
         p + "final_layer_norm.bias": state["ln_final.bias"],
     }
+    if state.get("text_projection") is not None:  # OpenCLIP's (width, dim) is x @ P
+        out["text_projection.weight"] = state["text_projection"].T
     layers = {int(k.split(".")[2]) for k in state if k.startswith("transformer.resblocks.")}
     for i in sorted(layers):
         hf, oc = f"{p}encoder.layers.{i}.", f"transformer.resblocks.{i}."

@@ -67,6 +67,11 @@ def unet_blocks(config: dict[str, Any]) -> list[tuple[str, str, tuple]]:
         ("middle_block.1.", "mid_block.attentions.0.", ()),
         ("middle_block.2.", "mid_block.resnets.1.", _UNET_RESNET),
     ]
+    if config.get("adm_in_channels") is not None:  # SDXL's vector condition
+        out += [
+            ("label_emb.0.0.", "add_embedding.linear_1.", ()),
+            ("label_emb.0.2.", "add_embedding.linear_2.", ()),
+        ]
     index = 1
     for level in range(levels):
         for j in range(n):

@@ -100,7 +100,7 @@ def _diffusers_part(folder: str, kind: str, option: str, expected: str, meta: bo
     if kind == "unet":
         config = configs.unet_config_from_diffusers(d, where)
         blocks = layouts.unet_blocks(config)
-        family = configs.family_of(config["context_dim"])
+        family = configs.family_of_config(config)
     else:
         config, family = configs.vae_config_from_diffusers(d), None
         blocks = layouts.vae_blocks(config)
@@ -108,7 +108,9 @@ def _diffusers_part(folder: str, kind: str, option: str, expected: str, meta: bo
     ours, unknown = layouts.convert(state, blocks, to_diffusers=False)
     if unknown:
         raise InputError(f"{where}: {len(unknown)} keys fit no {kind} block: {_listed(unknown)}")
-    scale = float(d.get("scaling_factor", configs.LATENT_SCALE)) if kind == "vae" else None
+    xl = os.path.isdir(os.path.join(os.path.dirname(folder), "text_encoder_2"))  # an SDXL pipeline
+    default = configs.LATENT_SCALES["sdxl"] if xl else configs.LATENT_SCALE
+    scale = float(d.get("scaling_factor", default)) if kind == "vae" else None
     if scale is not None:
         config["scaling_factor"] = scale
     size = d.get("sample_size") if kind == "unet" else None
@@ -168,7 +170,7 @@ def read_sd_unet(
     recorded = read_weight_file(path, option, expected).metadata.get(UNET_META)
     if isinstance(recorded, dict):  # our single files say their heads (the weights do not)
         config = dict(recorded)
-        family = configs.family_of(config["context_dim"])
+        family = configs.family_of_config(config)
     else:
         family, config = configs.unet_config_from_weights(unet, f"{option}={path!r}")
     return Part(config, unet, family, path)
@@ -209,9 +211,14 @@ def read_sd_vae(path: str, option: str, expected: str, meta: bool = False) -> Pa
         raise InputError(
             f"{where} is a diffusers-named VAE file: give its folder (with config.json)"
         )
-    # our exports record their scale (a VAE trained here has its own); SD's files do not
+    # our exports record their scale (a VAE trained here has its own); SD's files do not: an
+    # SDXL file's VAE (beside SGM's conditioner) has SDXL's
     meta = read_weight_file(path, option, expected).metadata
-    scale = float(meta.get("sd_lightning_latent_scale", configs.LATENT_SCALE))
+    xl = any(
+        k.startswith(("conditioner.embedders.", "model.diffusion_model.label_emb.")) for k in state
+    )
+    default = configs.LATENT_SCALES["sdxl"] if xl else configs.LATENT_SCALE
+    scale = float(meta.get("sd_lightning_latent_scale", default))
     recorded = meta.get(VAE_META)  # our single files: its norm groups (the weights do not say)
     config = dict(recorded) if isinstance(recorded, dict) else {}
     config = {**configs.vae_config_from_weights(vae, where), **config, "scaling_factor": scale}

@@ -5,8 +5,11 @@ part's ``config.json`` and safetensors, a CLIP tokenizer and a DDIM scheduler wi
 schedule) that ``StableDiffusionPipeline.from_pretrained`` loads.
 
 The text encoder is written in SD's layout for its kind: SD 1.x's CLIP (quick-GELU, prompts padded
-with end-of-text) in transformers' names, SD 2.x's OpenCLIP in OpenCLIP's. A random tower (the
-demo's) has no such layout and is left out; the writers return what is missing.
+with end-of-text) in transformers' names, SD 2.x's OpenCLIP in OpenCLIP's, SDXL's two as SGM's
+``conditioner.embedders.0/1`` (CLIP-L in transformers' names, bigG in OpenCLIP's with its
+projection) or diffusers' ``text_encoder``/``text_encoder_2`` (an ``StableDiffusionXLPipeline``).
+A random tower (the demo's) has no such layout and is left out; the writers return what is
+missing.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ from sd_lightning.weights.tokenizer import write_clip_tokenizer
 
 DIFFUSERS_VERSION = "0.30.0"  # the format written (read by every diffusers since)
 SD1_TEXT, SD2_TEXT = "cond_stage_model.transformer.", "cond_stage_model.model."
+SDXL_TEXT = ("conditioner.embedders.0.transformer.", "conditioner.embedders.1.model.")
+LOGIT_SCALE = "logit_scale"  # bigG's CLIP temperature: SDXL files hold it, nothing reads it
 BETAS = {"scaled_linear": "scaled_linear", "linear": "linear", "cosine": "squaredcos_cap_v2"}
 
 
@@ -45,14 +50,26 @@ class Release:
     schedule: dict[str, Any]
     spacing: str
     image_size: int
+    size_embed_dim: int = configs.SIZE_EMBED_DIM  # SDXL's size embeddings (the conditioner's)
+
+    @property
+    def family(self) -> str | None:
+        """``sdxl`` for a U-Net with a vector condition, else its context's family."""
+        config = self.unet.config
+        return "sdxl" if config.get("adm_in_channels") else configs.family_of(config["context_dim"])
 
 
 def text_layout(encoder: torch.nn.Module | None) -> str | None:
     """``"sd1"`` (transformers' CLIP names under ``cond_stage_model.transformer.``: SD 1's
     quick-GELU CLIP, and any 768-wide tower, which tools load for a 768-context model by those
-    names), ``"sd2"`` (OpenCLIP's names), or ``None`` for a random tower, which is no release's."""
+    names), ``"sd2"`` (OpenCLIP's names), ``"sdxl"`` (two encoders), or ``None`` for a random
+    tower, which is no release's."""
     if encoder is None or getattr(encoder, "random", False):
         return None
+    if hasattr(encoder, "encoders"):
+        if len(encoder.encoders) != 2 or any(e.random for e in encoder.encoders):
+            return None
+        return "sdxl"
     quick = activation(encoder.tower) == "quick_gelu"
     return "sd1" if quick or encoder.tower.transformer.width == 768 else "sd2"
 
@@ -67,6 +84,7 @@ def text_record(encoder: torch.nn.Module, layer: int) -> dict[str, Any]:
         "pad": "eot" if encoder.pad_eot else "zero",
         "layer_norm_eps": tower.ln_final.eps,
         "layer": layer,
+        "final_norm": encoder.final_norm,
     }
 
 
@@ -77,9 +95,19 @@ def _cast(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch
     }
 
 
-def _tower_state(release: Release, layers: int | None = None) -> dict[str, torch.Tensor]:
-    """The text tower's OpenCLIP-named weights; ``layers``: only the first so many blocks."""
-    state = release.text.tower.state_dict()
+def _tower_state(
+    release: Release,
+    layers: int | None = None,
+    encoder: torch.nn.Module | None = None,
+    projection: bool | None = None,
+) -> dict[str, torch.Tensor]:
+    """The text tower's OpenCLIP-named weights; ``layers``: only the first so many blocks;
+    ``projection``: with the tower's text projection (``None``: where the encoder pools; SD 2
+    files keep OpenCLIP's unused one)."""
+    encoder = encoder or release.text
+    state = encoder.tower.state_dict()
+    if not (encoder.pooled if projection is None else projection):
+        state.pop("text_projection", None)
     if layers is None:
         return state
     keep = tuple(f"transformer.resblocks.{i}." for i in range(layers))
@@ -113,7 +141,16 @@ def single_file_state(
     layout = text_layout(release.text)
     if layout is None:
         return state, ["text encoder"], None
-    tower = _tower_state(release)
+    if layout == "sdxl":
+        clip_l, clip_g = release.text.encoders
+        state.update({SDXL_TEXT[0] + k: v for k, v in hf_from_openclip(
+            _tower_state(release, encoder=clip_l)).items()})  # fmt: skip
+        bigg = _tower_state(release, encoder=clip_g)
+        bigg[LOGIT_SCALE] = torch.tensor(100.0).log()
+        state.update({SDXL_TEXT[1] + k: v for k, v in bigg.items()})
+        records = {"text_encoder": text_record(clip_l, clip_l.skip)}
+        return state, [], {**records, "text_encoder_2": text_record(clip_g, clip_g.skip)}
+    tower = _tower_state(release, projection=layout == "sd2")
     skip = release.text.skip
     if layout == "sd1":
         state.update({SD1_TEXT + k: v for k, v in hf_from_openclip(tower).items()})
@@ -164,12 +201,13 @@ def _part(folder: str, name: str, config: dict[str, Any], state: dict, stem: str
     save_safetensors(state, path, metadata={"format": "pt"})
 
 
-def _text_config(release: Release, layers: int, layout: str, dtype: torch.dtype) -> dict:
-    tower = release.text.tower
+def _text_config(encoder: torch.nn.Module, layers: int, dtype: torch.dtype) -> dict:
+    tower = encoder.tower
     block = tower.transformer.resblocks[0]
     width = tower.transformer.width
+    pooled = encoder.pooled
     return {
-        "architectures": ["CLIPTextModel"],
+        "architectures": ["CLIPTextModelWithProjection" if pooled else "CLIPTextModel"],
         "model_type": "clip_text_model",
         "hidden_size": width,
         "intermediate_size": block.mlp.c_fc.out_features,
@@ -179,10 +217,10 @@ def _text_config(release: Release, layers: int, layout: str, dtype: torch.dtype)
         "vocab_size": tower.token_embedding.num_embeddings,
         "hidden_act": activation(tower),
         "layer_norm_eps": tower.ln_final.eps,
-        "projection_dim": width,
+        "projection_dim": encoder.pooled_dim if pooled else width,
         "bos_token_id": 49406,
         "eos_token_id": 49407,
-        "pad_token_id": 49407 if release.text.pad_eot else 0,
+        "pad_token_id": 49407 if encoder.pad_eot else 0,
         "torch_dtype": str(dtype).removeprefix("torch."),
     }
 
@@ -210,7 +248,9 @@ def write_diffusers(release: Release, folder: str, dtype: torch.dtype) -> list[s
     missing (then ``null`` in ``model_index.json``: pass it to ``from_pretrained``)."""
     unet_cfg = release.unet.config
     factor = release.vae.downsample_factor
-    unet_d = configs.unet_diffusers_config(unet_cfg, release.image_size // factor)
+    unet_d = configs.unet_diffusers_config(
+        unet_cfg, release.image_size // factor, release.size_embed_dim
+    )
     unet_state, _ = layouts.convert(
         release.unet.state_dict(), layouts.unet_blocks(unet_cfg), to_diffusers=True
     )
@@ -240,34 +280,52 @@ def write_diffusers(release: Release, folder: str, dtype: torch.dtype) -> list[s
     )
     _json(os.path.join(folder, "scheduler", "scheduler_config.json"), scheduler_config(release))
     layout = text_layout(release.text)
+    xl = release.family == "sdxl"
     index: dict[str, Any] = {
-        "_class_name": "StableDiffusionPipeline",
+        "_class_name": "StableDiffusionXLPipeline" if xl else "StableDiffusionPipeline",
         **head,
         "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"],
         "scheduler": ["diffusers", "DDIMScheduler"],
         "text_encoder": [None, None],
         "tokenizer": [None, None],
-        "safety_checker": [None, None],
-        "feature_extractor": [None, None],
-        "image_encoder": [None, None],
-        "requires_safety_checker": False,
     }
+    if xl:  # the unconditional is zeros, as SDXL learnt it (and our conditioner samples it)
+        index |= {
+            "text_encoder_2": [None, None],
+            "tokenizer_2": [None, None],
+            "image_encoder": [None, None],
+            "feature_extractor": [None, None],
+            "force_zeros_for_empty_prompt": True,
+        }
+    else:
+        index |= {
+            "safety_checker": [None, None],
+            "feature_extractor": [None, None],
+            "image_encoder": [None, None],
+            "requires_safety_checker": False,
+        }
     if layout is not None:
-        # diffusers' SD 2 text encoder ends where SD reads it (23 of OpenCLIP's 24 blocks)
-        blocks = len(release.text.tower.transformer.resblocks)
-        layers = blocks - release.text.skip if layout == "sd2" else blocks
-        text_state = hf_from_openclip(_tower_state(release, layers))
-        _part(
-            folder,
-            "text_encoder",
-            _text_config(release, layers, layout, dtype),
-            _cast(text_state, dtype),
-            "model",
-        )
-        pad = "eot" if release.text.pad_eot else "zero"
-        write_clip_tokenizer(os.path.join(folder, "tokenizer"), pad, release.text.context_length)
-        index["text_encoder"] = ["transformers", "CLIPTextModel"]
-        index["tokenizer"] = ["transformers", "CLIPTokenizer"]
+        encoders = list(release.text.encoders) if layout == "sdxl" else [release.text]
+        for i, encoder in enumerate(encoders):
+            suffix = f"_{i + 1}" if i else ""
+            # diffusers' SD 2 text encoder ends where SD reads it (23 of OpenCLIP's 24 blocks);
+            # SDXL's pipeline reads hidden_states[-2] of whole towers itself
+            blocks = len(encoder.tower.transformer.resblocks)
+            layers = blocks - encoder.skip if layout == "sd2" else blocks
+            text_state = hf_from_openclip(_tower_state(release, layers, encoder))
+            _part(
+                folder,
+                "text_encoder" + suffix,
+                _text_config(encoder, layers, dtype),
+                _cast(text_state, dtype),
+                "model",
+            )
+            pad = "eot" if encoder.pad_eot else "zero"
+            path = os.path.join(folder, "tokenizer" + suffix)
+            write_clip_tokenizer(path, pad, encoder.context_length)
+            kind = "CLIPTextModelWithProjection" if encoder.pooled else "CLIPTextModel"
+            index["text_encoder" + suffix] = ["transformers", kind]
+            index["tokenizer" + suffix] = ["transformers", "CLIPTokenizer"]
     _json(os.path.join(folder, "model_index.json"), index)
     return [] if layout else ["text encoder", "tokenizer"]

@@ -1,0 +1,94 @@
+"""Several text encoders read side by side: SDXL's CLIP ViT-L/14 and OpenCLIP ViT-bigG/14 (SGM's
+``GeneralConditioner`` with two text embedders). Each tokenizes and pads the caption its own way;
+their token states are concatenated along the width (768 + 1280 = SDXL's 2048-d context), and the
+one that pools gives the pooled vector (bigG's 1280).
+
+``text_encoder=sdxl`` builds it from OpenCLIP's tags, ``pretrained=<SDXL weights>`` from the
+file's or folder's own two (:func:`sd_text_encoder_config`), ``text_encoder=sdxl_tiny`` from two
+small random towers (the demo and the tests).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from sd_lightning.core.errors import InputError
+
+TEXT_ENCODER = "sd_lightning.conditioning.OpenCLIPTextEncoder"
+
+
+class TextEncoders(nn.Module):
+    """``encoders(captions) -> (batch, tokens, sum of widths)``; :meth:`encode` adds the pooled
+    vector of the one encoder built with ``pooled=True``. ``encoders``: in order, as a list or
+    as named entries (``text_encoder.encoders.clip_g.pretrained=...`` on the command line)."""
+
+    def __init__(self, encoders: Sequence[nn.Module] | Mapping[str, nn.Module]):
+        super().__init__()
+        encoders = list(encoders.values() if isinstance(encoders, Mapping) else encoders)
+        if len(encoders) < 2:
+            raise InputError("text_encoder.encoders: give two or more text encoders (SDXL: two)")
+        lengths = {e.context_length for e in encoders}
+        if len(lengths) != 1:
+            raise InputError(
+                f"text_encoder.encoders have context lengths {sorted(lengths)}: their token "
+                "states are joined token by token, so they must agree (SDXL: 77)"
+            )
+        pooling = [i for i, e in enumerate(encoders) if getattr(e, "pooled", False)]
+        if len(pooling) > 1:
+            raise InputError(
+                f"text_encoder.encoders {pooling} all pool: set pooled=true on one (SDXL: the "
+                "second, OpenCLIP ViT-bigG/14)"
+            )
+        self.encoders = nn.ModuleList(encoders)
+        self.pooling = pooling[0] if pooling else None
+        self.width = sum(e.width for e in encoders)
+        self.context_length = lengths.pop()
+        self.pooled_dim = encoders[self.pooling].pooled_dim if pooling else None
+        self.random = all(getattr(e, "random", False) for e in encoders)
+
+    @property
+    def trains(self) -> bool:
+        return any(getattr(e, "trains", False) for e in self.encoders)
+
+    def forward(self, captions: Sequence[str]) -> torch.Tensor:
+        return self.encode(captions)[0]
+
+    def encode(self, captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(token states, pooled vector or None)`` of ``captions``."""
+        outputs = [e.encode(captions) for e in self.encoders]
+        states = torch.cat([s.float() for s, _ in outputs], dim=-1)
+        pooled = None if self.pooling is None else outputs[self.pooling][1].float()
+        return states, pooled
+
+
+def sd_text_encoder_config(path: str, components: Sequence[str]) -> dict[str, Any]:
+    """The ``text_encoder`` config of SD weights' own text encoder(s): one for SD 1/2, SDXL's
+    two (``text_encoder``, and ``text_encoder_2`` pooled) joined."""
+    one = [
+        {
+            "_target_": TEXT_ENCODER,
+            "pretrained": path,
+            "layer": "auto",
+            "component": c,
+            "pooled": c == "text_encoder_2",
+        }
+        for c in components
+    ]
+    if len(one) == 1:
+        return {k: v for k, v in one[0].items() if k not in ("component", "pooled")}
+    return {"_target_": "sd_lightning.conditioning.TextEncoders", "encoders": one}
+
+
+def sd_text_encoder(path: str, components: Sequence[str]) -> nn.Module:
+    """SD weights' own text encoder(s), built (see :func:`sd_text_encoder_config`)."""
+    from sd_lightning.conditioning.text_encoder import OpenCLIPTextEncoder
+
+    built = [
+        OpenCLIPTextEncoder(pretrained=path, layer="auto", component=c, pooled=c != components[0])
+        for c in components
+    ]
+    return built[0] if len(built) == 1 else TextEncoders(built)
