@@ -254,8 +254,12 @@ def test_lora_files_we_cannot_apply_whole_are_refused_naming_the_tensor(tmp_path
     first = next(k for k in good if k.endswith("to_q.lora.down.weight"))
     cases = {
         "sdxl": (
-            {**good, "lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": good[first]},
-            "an SDXL LoRA",
+            {
+                **good,
+                "lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": good[first],
+                "lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": good[first].T,
+            },
+            "adapts SDXL's second text encoder, which this model lacks",
         ),
         "dora": ({**good, first.replace("lora.down.weight", "dora_scale"): good[first]}, "DoRA"),
         "no-up": (

@@ -340,6 +340,13 @@ def test_an_sdxl_lora_exports_kohyas_sdxl_names_that_diffusers_loads(
     apply_loras(merged, [str(run / "export" / "lora.safetensors")], 1.0)
     with torch.no_grad():
         torch.testing.assert_close(merged.unet(x, t, ctx, y), ours, atol=1e-5, rtol=1e-4)
+    # a LoRA of another family (kohya's metadata says SD 1) is named before anything changes
+    from safetensors.torch import save_file
+
+    sd1 = tmp_path / "sd1-lora.safetensors"
+    save_file(kohya, str(sd1), metadata={"ss_base_model_version": "sd_v1"})
+    with pytest.raises(InputError, match="is a LoRA of SD 1.x, but this model is SDXL"):
+        apply_loras(load_ldm(str(folder)), [str(sd1)], 1.0)
     textual = [*DATA_TINY, "stage=ldm", "finetune=textual_inversion", "data.image_size=32"]
     for options in ([*lora, "finetune.text_encoder=true"], textual):
         cfg = compose_config([*options, f"pretrained={folder}"], tmp_path / "x", data_dir)
@@ -381,3 +388,109 @@ def test_sdxl_latent_shards_keep_the_pooled_text_and_the_crop_and_train(
     ldm += ["trainer.max_steps=2", "model.val_prompts=[]", "trainer.limit_val_batches=0"]
     metrics = train(compose_config(ldm, run, data_dir))
     assert torch.isfinite(torch.tensor(metrics["train/loss"]))
+
+
+def test_an_sdxl_lora_of_both_text_encoders_merges_as_diffusers_loads_it(sdxl_folder, tmp_path):
+    """What diffusers' SDXL LoRA scripts save (peft adapters on the U-Net and on both text
+    encoders, ``text_encoder.`` and ``text_encoder_2.``, with peft's config as metadata), and
+    the same in kohya's names (``lora_te1_``/``lora_te2_``), merged by ``lora=`` into the same
+    conditions and U-Net diffusers' ``load_lora_weights`` gives."""
+    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+    from safetensors.torch import load_file, save_file
+
+    from sd_lightning.commands.open import apply_loras
+
+    folder, *_ = sdxl_folder
+    pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(str(folder))
+    unet_cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["to_k", "to_q", "to_v", "to_out.0"])
+    text_cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "fc1"])
+    pipe.unet.add_adapter(unet_cfg)
+    for net in (pipe.text_encoder, pipe.text_encoder_2):
+        inject_adapter_in_model(text_cfg, net)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for net in (pipe.unet, pipe.text_encoder, pipe.text_encoder_2):
+            for name, p in net.named_parameters():
+                if "lora_" in name:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    out = tmp_path / "lora"
+    diffusers.StableDiffusionXLPipeline.save_lora_weights(
+        str(out),
+        unet_lora_layers=get_peft_model_state_dict(pipe.unet),
+        text_encoder_lora_layers=get_peft_model_state_dict(pipe.text_encoder),
+        text_encoder_2_lora_layers=get_peft_model_state_dict(pipe.text_encoder_2),
+        unet_lora_adapter_metadata=unet_cfg.to_dict(),
+        text_encoder_lora_adapter_metadata=text_cfg.to_dict(),
+        text_encoder_2_lora_adapter_metadata=text_cfg.to_dict(),
+    )
+    path = out / "pytorch_lora_weights.safetensors"
+    # kohya's names for the same adapters, alpha written beside each layer
+    kohya = {}
+    for key, value in load_file(path).items():
+        network, _, rest = key.partition(".")
+        prefix = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
+        stem, _, part = rest.rpartition(".lora_")
+        if network != "unet" and not stem.startswith("text_model."):  # (transformers 5's CLIP)
+            stem = "text_model." + stem
+        name = prefix[network] + stem.replace(".", "_")
+        kohya[f"{name}.lora_{'down' if part.startswith('A') else 'up'}.weight"] = value
+        kohya[f"{name}.alpha"] = torch.tensor(8.0)
+    kohya_path = tmp_path / "kohya.safetensors"
+    save_file(kohya, str(kohya_path))
+
+    pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(str(folder))
+    pipe.load_lora_weights(str(path))
+    prompts = ["a red circle at the top left"]
+    with torch.no_grad():
+        states, _, pooled, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False)
+        ids = torch.tensor([[16.0, 16, 0, 0, 16, 16]])
+        x, t = torch.randn(1, 4, 8, 8, generator=g), torch.tensor([500])
+        added = {"text_embeds": pooled, "time_ids": ids}
+        theirs = pipe.unet(x, t, states, added_cond_kwargs=added).sample
+    for source in (path, kohya_path):
+        system = load_ldm(str(folder))
+        apply_loras(system, [str(source)], 1.0)
+        ours = system.conditioner.encode(prompts, size=(16, 16))
+        torch.testing.assert_close(ours.crossattn, states, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(ours.vector[:, :24], pooled, atol=1e-5, rtol=1e-4)
+        with torch.no_grad():
+            got = system.sampling_net(x, t, **ours.kwargs())
+        torch.testing.assert_close(got, theirs, atol=1e-5, rtol=1e-4)
+
+
+def test_an_sdxl_vae_for_an_sd_u_net_is_refused_before_any_work(sdxl_folder, small_base, tmp_path):
+    from sd_lightning.commands.pretrained import configure
+
+    folder, *_ = sdxl_folder
+    cfg = compose_config(
+        [*DATA_TINY, "stage=ldm", f"pretrained={small_base}", f"vae_ckpt={folder}"],
+        tmp_path / "run",
+        tmp_path,
+    )
+    with pytest.raises(
+        InputError, match=r"is SDXL's VAE \(latent scale 0.13025\), but pretrained="
+    ):
+        configure(cfg)
+
+
+def test_the_original_size_comes_from_the_image_or_what_its_json_records():
+    """SDXL conditions on the size before any resizing: img2dataset records it in the shard's
+    ``.json`` (``original_width``/``original_height``) when it stored a smaller copy."""
+    import io
+
+    from PIL import Image
+
+    from sd_lightning.data.pipeline import ImageSampleDecoder
+    from sd_lightning.data.transforms import ImageTransform
+
+    buf = io.BytesIO()
+    Image.new("RGB", (48, 32), (200, 10, 10)).save(buf, format="PNG")
+    decode = ImageSampleDecoder(ImageTransform(16, crop="center"))
+    sample = {"png": buf.getvalue(), "txt": b"a red box", "__key__": "k"}
+    plain = decode(dict(sample))
+    assert plain["original_size"].tolist() == [32, 48]  # (height, width) of the image itself
+    assert plain["crop_top_left"].tolist() == [0, 4] and plain["target_size"].tolist() == [16, 16]
+    recorded = json.dumps({"original_width": 1536, "original_height": 1024, "width": 48})
+    resized = decode({**sample, "json": recorded.encode()})
+    assert resized["original_size"].tolist() == [1024, 1536]
+    assert decode({**sample, "json": b"{not json"})["original_size"].tolist() == [32, 48]

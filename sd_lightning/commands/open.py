@@ -34,6 +34,7 @@ from sd_lightning.finetune.lora_files import merge_lora
 from sd_lightning.finetune.text_lora import fuse_attention
 from sd_lightning.models import AutoencoderKL, UNetModel
 from sd_lightning.systems.ldm import LatentDiffusionSystem
+from sd_lightning.weights.configs import family_of_config
 from sd_lightning.weights.files import SHARDED_META, read_weight_file, sharded_meta
 from sd_lightning.weights.read import build, read_sd_unet, read_sd_vae
 from sd_lightning.weights.schedule import PREDICTIONS, SD_HINT, SD_SCHEDULE, recorded
@@ -211,10 +212,11 @@ def apply_loras(system: LatentDiffusionSystem, paths: Any, scales: Any) -> None:
             f"lora_scale has {len(scales)} values for {len(paths)} LoRA files: give one for all, "
             "or one per file"
         )
+    encoders = list(getattr(text, "encoders", [text]))  # SDXL's two, in order
+    towers = [e.tower for e in encoders if getattr(e, "tower", None) is not None]
+    family = family_of_config(system.unet.config)
     for lora, scale in zip(paths, scales):
-        layers = merge_lora(
-            system.sampling_net, str(lora), float(scale), getattr(text, "tower", None)
-        )
+        layers = merge_lora(system.sampling_net, str(lora), float(scale), towers, family)
         log.info("LoRA %s (scale %s): merged into %d layers", lora, scale, layers)
 
 

@@ -75,6 +75,7 @@ def _configure_ldm(cfg: DictConfig, path: str) -> None:
         cfg.text_encoder = OmegaConf.create(sd_text_encoder_config(path, components))
     if cfg.model.get("latent_scale") is None:  # what the U-Net learnt on, whichever VAE decodes
         cfg.model.latent_scale = _latent_scale(path, part.family)
+    _check_vae_family(str(cfg.vae_ckpt), path, cfg.model.latent_scale)
     nodes = [node for _, node in text_nodes(cfg.text_encoder)]
     if all(str(node.get("pretrained")) == path for node in nodes):
         two = " (two: CLIP ViT-L and OpenCLIP ViT-bigG)" if len(nodes) > 1 else ""
@@ -107,6 +108,25 @@ def _latent_scale(path: str, family: str | None) -> float | None:
         return read_sd_vae(path, "pretrained", HINT, meta=True).latent_scale
     except InputError:  # no VAE in the weights: the family's
         return LATENT_SCALES.get(family) if family else None
+
+
+def _check_vae_family(vae: str, path: str, scale: float | None) -> None:
+    """A ``vae_ckpt=`` of SD weights whose recorded latent scale is another family's than the
+    U-Net's (SDXL's 0.13025 against SD's 0.18215) is refused: its latents are not the ones the
+    U-Net learnt. (A standalone VAE file records none: its family cannot be told.)"""
+    if vae == path or scale is None or not os.path.exists(vae):
+        return
+    try:
+        found = read_sd_vae(vae, "vae_ckpt", VAE_HINT, meta=True).latent_scale
+    except InputError:  # a stage-1 checkpoint of ours, or no SD VAE: read and checked later
+        return
+    families = {0.18215: "SD 1.x/2.x", 0.13025: "SDXL"}
+    if found and abs(found - scale) > 1e-4 * scale and round(found, 5) in families:
+        raise InputError(
+            f"vae_ckpt={vae!r} is {families[round(found, 5)]}'s VAE (latent scale {found:g}), but "
+            f"pretrained={path!r} learnt on latents scaled by {scale:g} "
+            f"({families.get(round(scale, 5), 'another family')}): give that family's VAE"
+        )
 
 
 def _configure_sampling(cfg: DictConfig, path: str) -> None:

@@ -86,7 +86,9 @@ def caption_of(sample: dict) -> str:
 
 class ImageSampleDecoder:
     """``{"jpg": bytes, "txt": bytes, "json": ...}`` -> ``{"image": tensor, "caption": str}`` and
-    the crop's geometry (``original_size``, ``crop_top_left``, ``target_size``)."""
+    the crop's geometry (``original_size``, ``crop_top_left``, ``target_size``). The original
+    size is the image's, or the one its ``.json`` records (img2dataset's ``original_width`` and
+    ``original_height`` of an image it resized), which SDXL conditions on."""
 
     def __init__(self, transform: Callable[[Image.Image], torch.Tensor], min_size: int = 0):
         self.transform, self.min_size = transform, min_size
@@ -97,8 +99,14 @@ class ImageSampleDecoder:
         if key is None:
             raise Skip("no_image")
         caption = caption_of(sample)
-        if self.min_size and "json" in sample:
-            meta = json.loads(sample["json"])
+        try:
+            meta = json.loads(sample["json"]) if "json" in sample else {}
+        except ValueError:  # unreadable metadata drops the sample only where it is needed
+            if self.min_size:
+                raise
+            meta = {}
+        meta = meta if isinstance(meta, dict) else {}
+        if self.min_size and meta:
             side = min(int(meta.get("width", 1 << 30)), int(meta.get("height", 1 << 30)))
             if side < self.min_size:
                 raise Skip("too_small")
@@ -114,6 +122,9 @@ class ImageSampleDecoder:
                         sample.get("__url__"),
                     )
             fields = self.transform.sample(img, rng)
+        original = meta.get("original_height"), meta.get("original_width")
+        if "original_size" in fields and all(isinstance(v, int) and v > 0 for v in original):
+            fields["original_size"] = torch.tensor(original)
         return {**fields, "caption": caption}
 
 

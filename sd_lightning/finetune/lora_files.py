@@ -30,6 +30,7 @@ from torch import nn
 
 from sd_lightning.core.errors import InputError
 from sd_lightning.weights import layouts
+from sd_lightning.weights.configs import NAMES
 
 KOHYA_UNET = "lora_unet_"
 KOHYA_TEXT = "lora_te_"
@@ -181,7 +182,11 @@ def _scales(found, path: str) -> dict[str, float]:
     if not isinstance(meta, dict):
         return {}
     out = {}
-    for prefix, network in (("unet", "unet"), ("text_encoder", "text")):
+    for prefix, network in (
+        ("unet", "unet"),
+        ("text_encoder", "text"),
+        ("text_encoder_2", "text_2"),
+    ):
         r, alpha = meta.get(f"{prefix}.r"), meta.get(f"{prefix}.lora_alpha")
         if meta.get(f"{prefix}.rank_pattern") or meta.get(f"{prefix}.alpha_pattern"):
             raise InputError(
@@ -193,25 +198,49 @@ def _scales(found, path: str) -> dict[str, float]:
     return out
 
 
-def _targets(unet: nn.Module, tower: nn.Module | None) -> dict[str, tuple]:
+def _targets(unet: nn.Module, towers: list[nn.Module]) -> dict[str, dict]:
     """Layer names (kohya's ``_`` spelling of diffusers' and of our CompVis paths, and
-    transformers' CLIP paths) -> (weight, rows of it or None)."""
+    transformers' CLIP paths) -> (weight, rows of it or None), per network."""
     modules = dict(unet.named_modules())
     unet_targets = {}
     for mine, theirs in diffusers_names(unet).items():
         weight = (modules[mine].weight, None)
         unet_targets[theirs.replace(".", "_")] = weight
         unet_targets[mine.replace(".", "_")] = weight  # the original (CompVis) names
-    return {"unet": unet_targets, "text": _text_weights(tower) if tower is not None else {}}
+    out = {"unet": unet_targets}
+    for network, tower in zip(("text", "text_2"), towers):
+        out[network] = _text_weights(tower)
+    return out
+
+
+def lora_family(found, pairs: dict[str, dict]) -> str | None:
+    """``sd1``, ``sd2``, ``sdxl`` or ``None``: the family a LoRA file was trained on, from its
+    metadata (kohya's ``ss_base_model_version``, SAI's ``modelspec.architecture``), its
+    networks (SDXL's second text encoder) and its cross-attention keys' width."""
+    meta = found.metadata
+    said = str(meta.get("ss_base_model_version") or meta.get("modelspec.architecture") or "")
+    for mark, family in (("sdxl", "sdxl"), ("xl", "sdxl"), ("v2", "sd2"), ("v1", "sd1")):
+        if mark in said:
+            return family
+    if pairs["text_2"]:
+        return "sdxl"
+    widths = {parts["down"].shape[-1] for layer, parts in pairs["unet"].items()
+              if re.search(r"attn2_to_[kv]$", layer)}  # fmt: skip
+    return {768: "sd1", 1024: "sd2", 2048: "sdxl"}.get(widths.pop()) if len(widths) == 1 else None
 
 
 @torch.no_grad()
 def merge_lora(
-    unet: nn.Module, path: str, scale: float = 1.0, tower: nn.Module | None = None
+    unet: nn.Module,
+    path: str,
+    scale: float = 1.0,
+    towers: list[nn.Module] | tuple = (),
+    family: str | None = None,
 ) -> int:
     """Add ``scale * alpha / rank * B A`` of the LoRA file at ``path`` to ``unet``'s weights (and
-    the text ``tower``'s, for a file that adapts the text encoder too); returns how many layers
-    changed. Every tensor must be a LoRA of a layer this model has, finite and of its shape."""
+    the text ``towers``', for a file that adapts the text encoders too: SDXL's two in order);
+    returns how many layers changed. Every tensor must be a LoRA of a layer this model has,
+    finite and of its shape; a LoRA of another ``family`` than the model's is named as such."""
     from sd_lightning.finetune.lora_keys import read_pairs
     from sd_lightning.weights.files import read_weight_file
 
@@ -222,9 +251,17 @@ def merge_lora(
     if found.kind != "safetensors":
         raise InputError(f"lora={path!r}: give the .safetensors file of a LoRA")
     pairs = read_pairs(found.tensors(), path)
-    if pairs["text"] and tower is None:
-        raise InputError(f"lora={path!r} also adapts the text encoder, which this model lacks")
-    targets, scales = _targets(unet, tower), _scales(found, path)
+    theirs = lora_family(found, pairs)
+    if family and theirs and theirs != family:
+        raise InputError(
+            f"lora={path!r} is a LoRA of {NAMES[theirs]}, but this model is {NAMES[family]}: "
+            f"give a LoRA trained on {NAMES[family]}"
+        )
+    for network, tower_count in (("text", 1), ("text_2", 2)):
+        if pairs[network] and len(towers) < tower_count:
+            which = "SDXL's second text encoder" if tower_count == 2 else "the text encoder"
+            raise InputError(f"lora={path!r} also adapts {which}, which this model lacks")
+    targets, scales = _targets(unet, list(towers)), _scales(found, path)
     updates = []
     for network, layers in pairs.items():
         missing = [k for k in layers if k not in targets[network]]

@@ -5,10 +5,11 @@ Spellings read (the tools that write them; ComfyUI's ``comfy/lora.py`` and
 ``comfy/weight_adapter/lora.py`` read the same set):
 
 - kohya's ``lora_unet_<path>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``, the path in
-  diffusers' module names (kohya's SD 1/2 files) or the original CompVis ones (SGM's, ComfyUI's
-  own and some converters'); ``lora_te_text_model_encoder_layers_<i>_...`` for the text encoder;
+  diffusers' module names (kohya's SD 1/2 files) or the original CompVis ones (kohya's SDXL
+  files, SGM's, ComfyUI's own and some converters'); ``lora_te_text_model_encoder_layers_<i>_...``
+  for the text encoder, ``lora_te1_``/``lora_te2_`` for SDXL's two;
 - peft's ``unet.<path>.lora_A.weight`` / ``.lora_B.weight`` (diffusers' ``save_lora_weights`` of
-  a peft state), ``text_encoder.<path>.lora_A.weight``;
+  a peft state), ``text_encoder.<path>.lora_A.weight`` (``text_encoder_2.`` for SDXL's second);
 - diffusers' training scripts (``convert_state_dict_to_diffusers``): ``unet.<path>.lora.down.weight``
   and ``text_encoder.<path>.q_proj.lora_linear_layer.down.weight``;
 - diffusers' attention processors: ``unet.<path>.attn1.processor.to_q_lora.down.weight``,
@@ -48,7 +49,11 @@ NOT_LORA = {
     r"\.oft_": "OFT",
     r"\.diff(_b)?$": "a full weight difference (diff)",
 }
-SDXL_TEXT = ("lora_te1_", "lora_te2_", "text_encoder_2.")
+# network -> the name prefixes of its text encoder's layers ("text_2": SDXL's second)
+TEXT_PREFIXES = {
+    "text": ("lora_te_", "lora_te1_", "text_encoder."),
+    "text_2": ("lora_te2_", "text_encoder_2."),
+}
 
 
 def split(key: str) -> tuple[str, str]:
@@ -66,15 +71,18 @@ def _dotted(stem: str) -> str:
 
 
 def network_of(stem: str) -> tuple[str, str] | None:
-    """``("unet" | "text", layer with _ for .)`` of a stem, or ``None`` when no prefix fits."""
+    """``("unet" | "text" | "text_2", layer with _ for .)`` of a stem, or ``None`` when no
+    prefix fits."""
     if stem.startswith("lora_unet_"):
         return "unet", stem[len("lora_unet_") :]
-    if stem.startswith("lora_te_"):
-        return "text", stem[len("lora_te_") :]
-    if stem.startswith("text_encoder."):
-        path = stem[len("text_encoder.") :]
-        path = path if path.startswith("text_model.") else "text_model." + path
-        return "text", path.replace(".", "_")
+    for network, prefixes in TEXT_PREFIXES.items():
+        for prefix in prefixes:
+            if stem.startswith(prefix):
+                path = stem[len(prefix) :]
+                if prefix.endswith("."):  # diffusers' dotted paths
+                    path = path if path.startswith("text_model.") else "text_model." + path
+                    path = path.replace(".", "_")
+                return network, path
     path = stem.removeprefix("unet.")
     if path != stem or path.startswith(UNET_PATHS):
         return "unet", _dotted(path).replace(".", "_")
@@ -82,16 +90,11 @@ def network_of(stem: str) -> tuple[str, str] | None:
 
 
 def read_pairs(state: dict, path: str) -> dict[str, dict[str, dict]]:
-    """``{"unet": {layer: {"down", "up", "alpha"?}}, "text": {...}}`` of a LoRA file's tensors;
-    anything that is not a LoRA of SD 1/2's U-Net or text encoder is an error naming it."""
+    """``{"unet": {layer: {"down", "up", "alpha"?}}, "text": {...}, "text_2": {...}}`` of a
+    LoRA file's tensors; anything that is not a LoRA of an SD U-Net or text encoder is an error
+    naming it."""
     where = f"lora={path!r}"
-    sdxl = [k for k in state if k.startswith(SDXL_TEXT)]
-    if sdxl:
-        raise InputError(
-            f"{where} adapts SDXL's two text encoders ({sdxl[0]}): an SDXL LoRA, which needs an "
-            "SDXL base (not read yet), not SD 1/2"
-        )
-    out: dict[str, dict[str, dict]] = {"unet": {}, "text": {}}
+    out: dict[str, dict[str, dict]] = {"unet": {}, "text": {}, "text_2": {}}
     for key, tensor in state.items():
         stem, part = split(key)
         other = next((what for mark, what in NOT_LORA.items() if re.search(mark, key)), None)
@@ -103,8 +106,9 @@ def read_pairs(state: dict, path: str) -> dict[str, dict[str, dict]]:
         found = network_of(stem) if part else None
         if found is None:
             raise InputError(
-                f"{where}: {key} is no LoRA tensor of an SD 1/2 U-Net or text encoder (kohya's "
-                "lora_unet_/lora_te_ names, or diffusers' unet./text_encoder. ones)"
+                f"{where}: {key} is no LoRA tensor of an SD U-Net or text encoder (kohya's "
+                "lora_unet_/lora_te_/lora_te1_/lora_te2_ names, or diffusers' unet./text_encoder./"
+                "text_encoder_2. ones)"
             )
         network, layer = found
         out[network].setdefault(layer, {})[part] = tensor
@@ -116,6 +120,6 @@ def read_pairs(state: dict, path: str) -> dict[str, dict[str, dict]]:
                     f"{where}: the {network} layer {layer} has no {lacking[0]} matrix (a "
                     "damaged or partly written file?)"
                 )
-    if not out["unet"] and not out["text"]:
+    if not any(out.values()):
         raise InputError(f"{where} has no LoRA weights")
     return out
