@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-fast slurm-deps demo bench-data gpu-wheels gpu-suite lint clean
+.PHONY: help install test test-fast slurm-deps demo demo-sdxl bench-data gpu-wheels gpu-suite lint clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
@@ -50,6 +50,15 @@ demo: $(STAMP) ## the whole pipeline on the embedded demo data: VAE, latent diff
 	  ckpt=$(DEMO_DIR)/ldm/checkpoints/last.ckpt $(DEMO_PROMPTS) steps=25 guidance=5.0
 	$(BIN)/python -m sd_lightning.data.score $(DEMO_DIR)/samples
 	@echo "demo images: $(DEMO_DIR)/samples (grid.png); runs: $(DEMO_DIR)/{vae,ldm}"
+
+demo-sdxl: $(STAMP) ## the demo with SDXL's shape: two random text towers, the vector condition, buckets
+	$(BIN)/python -m sd_lightning experiment=demo_vae hydra.run.dir=$(DEMO_DIR)/vae
+	$(BIN)/python -m sd_lightning experiment=demo_sdxl hydra.run.dir=$(DEMO_DIR)/sdxl \
+	  vae_ckpt=$(DEMO_DIR)/vae/checkpoints/last.ckpt
+	$(BIN)/python -m sd_lightning stage=sample hydra.run.dir=$(DEMO_DIR)/samples \
+	  ckpt=$(DEMO_DIR)/sdxl/checkpoints/last.ckpt $(DEMO_PROMPTS) steps=25 guidance=5.0
+	$(BIN)/python -m sd_lightning.data.score $(DEMO_DIR)/samples
+	@echo "demo images: $(DEMO_DIR)/samples (grid.png); runs: $(DEMO_DIR)/{vae,sdxl}"
 
 bench-data: $(STAMP) ## data-loading and stage-2 step benchmark -> docs/benchmarks/data_loading.md
 	$(BIN)/python benchmarks/data_loading.py

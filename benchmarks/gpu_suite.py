@@ -9,7 +9,10 @@ Parts, in order (each a subprocess with its own time limit, so one failure or ha
 its share): ``tests`` (``pytest -m gpu``: both stages from the CLI on the GPU), ``unet_step``
 (ours against diffusers, the trick ladder, the largest batch), ``ldm_step`` (Lightning's
 overhead on the stage-2 step), ``vae_step`` (stage 1 at SD size), ``sampling`` (50 DDIM steps
-against diffusers' pipeline), ``lora_step`` (a LoRA step against a full fine-tuning step). Each part leaves ``<results>/<part>.json``; the markdown
+against diffusers' pipeline), ``lora_step`` (a LoRA step against a full fine-tuning step),
+``sdxl_step`` (SDXL at 1024 px against diffusers, the largest batch, the memory of each way to
+fit a card: LoRA rank 32, full fine-tuning with checkpointing, Adafactor, 8-bit AdamW, the step
+in backward). Each part leaves ``<results>/<part>.json``; the markdown
 (``docs/benchmarks/gpu.md``) is made from every JSON in the results folder, so a re-run of some
 parts keeps the others' figures. With ``$OUT`` set (the device tool), the markdown, the JSON and
 the logs are copied there too.
@@ -64,6 +67,10 @@ def parts() -> dict[str, Part]:
         "benchmarks/sampling.py --unet tiny --vae tiny --px 64 --device cpu --steps 3 --rounds 1"
     )
     lora_tiny = "benchmarks/lora_step.py --unet tiny --batch 2 --size 8 --steps 1 --rounds 1"
+    sdxl_tiny = (
+        "benchmarks/sdxl_step.py --device cpu --unet sdxl_tiny --px 64 --batch 2 "
+        "--compare-batch 2 --steps 1 --ways 0,2,6"
+    )
     return {
         "tests": Part(
             "GPU tests: both stages from the CLI (`pytest -m gpu`)",
@@ -105,6 +112,13 @@ def parts() -> dict[str, Part]:
             timeout=100,
             needs=50,
             tiny_args=lora_tiny.split(),
+        ),
+        "sdxl_step": Part(
+            "SDXL at 1024 px: ours against diffusers, the largest batch, each way to fit a card",
+            ["benchmarks/sdxl_step.py"],
+            timeout=420,
+            needs=180,
+            tiny_args=sdxl_tiny.split(),
         ),
     }
 
@@ -181,6 +195,7 @@ def render(results: dict[str, dict[str, Any]], all_parts: dict[str, Part], notes
     from lightning_steps import ldm_markdown, vae_markdown
     from lora_step import markdown as lora_markdown
     from sampling import markdown as sampling_markdown
+    from sdxl_step import to_markdown as sdxl_markdown
     from unet_step import to_markdown as unet_markdown
 
     renderers = {
@@ -189,6 +204,7 @@ def render(results: dict[str, dict[str, Any]], all_parts: dict[str, Part], notes
         "vae_step": vae_markdown,
         "sampling": sampling_markdown,
         "lora_step": lora_markdown,
+        "sdxl_step": sdxl_markdown,
     }
     device = next((r["device"] for r in results.values() if r.get("device")), {})
     lines = [

@@ -177,6 +177,16 @@ def nonzero(net: torch.nn.Module, std: float = 0.02) -> None:
             p.normal_(0.0, std)
 
 
+def size_embed_dim(config: dict) -> int:
+    """The size-embedding width of an SDXL-shaped U-Net config: SDXL's 256 where the vector
+    condition has room for it beside a pooled text vector, else the largest power of two that
+    leaves one (``sdxl_tiny``: 128 = 32 + 6 x 16). The U-Net cannot say; the text encoder does."""
+    adm, d = config.get("adm_in_channels") or 0, 256
+    while d > 1 and adm - 6 * d <= 0:
+        d //= 2
+    return d
+
+
 def diffusers_unet(ours, sample_size: int):
     """diffusers' ``UNet2DConditionModel`` with our U-Net's layout and weights (diffusers' own
     single-file converter), on our U-Net's device."""
@@ -186,7 +196,7 @@ def diffusers_unet(ours, sample_size: int):
     from sd_lightning.weights.configs import unet_diffusers_config
     from sd_lightning.weights.layouts import to_original
 
-    config = unet_diffusers_config(ours.config, sample_size=sample_size)
+    config = unet_diffusers_config(ours.config, sample_size, size_embed_dim(ours.config))
     device = next(ours.parameters()).device
     with torch.device(device):
         theirs = diffusers.UNet2DConditionModel(**config)

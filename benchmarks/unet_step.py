@@ -46,6 +46,7 @@ from harness import (  # noqa: E402
     md_table,
     nonzero,
     optimizer_bytes,
+    size_embed_dim,
     step_memory,
     tensor_bytes,
     time_steps,
@@ -79,20 +80,36 @@ def make_optimizer(params, kind: str, **overrides: Any) -> torch.optim.Optimizer
 
 
 class Batch:
-    """A fixed random batch of latents, timesteps, text states and targets on the device."""
+    """A fixed random batch of latents, timesteps, text states and targets on the device, and
+    for a U-Net with a vector condition (SDXL) a pooled text vector and size ids: ours gets
+    them as ``y`` (the conditioner's work), diffusers' as ``added_cond_kwargs``."""
 
-    def __init__(self, b: int, latent: int, context_dim: int, device: torch.device, seed: int = 0):
+    def __init__(self, b: int, latent: int, config: dict, device: torch.device, seed: int = 0):
+        from sd_lightning.conditioning.sizes import size_embedding
+
         g = torch.Generator().manual_seed(seed)
         self.x = torch.randn(b, 4, latent, latent, generator=g).to(device)
         self.t = torch.randint(0, 1000, (b,), generator=g).to(device)
-        self.context = torch.randn(b, 77, context_dim, generator=g).to(device)
+        self.context = torch.randn(b, 77, config["context_dim"], generator=g).to(device)
         self.target = torch.randn(b, 4, latent, latent, generator=g).to(device)
+        self.y = self.added = None
+        adm = config.get("adm_in_channels")
+        if adm:
+            dim = size_embed_dim(config)
+            pooled = torch.randn(b, adm - 6 * dim, generator=g)
+            side = float(latent * 8)
+            ids = torch.tensor([[side, side, 0.0, 0.0, side, side]]).expand(b, 6)
+            self.y = torch.cat([pooled, size_embedding(ids, dim)], 1).to(device)
+            self.added = {"text_embeds": pooled.to(device), "time_ids": ids.to(device)}
 
 
 def forward_of(net, diffusers: bool):
+    """``forward(batch) -> output`` of our U-Net or diffusers'."""
     if diffusers:
-        return lambda x, t, c: net(x, t, encoder_hidden_states=c, return_dict=False)[0]
-    return net
+        return lambda b: net(
+            b.x, b.t, encoder_hidden_states=b.context, added_cond_kwargs=b.added, return_dict=False
+        )[0]
+    return lambda b: net(b.x, b.t, b.context, b.y)
 
 
 def make_step(net, opt, batch: Batch, precision: str, device: torch.device, diffusers=False):
@@ -101,7 +118,7 @@ def make_step(net, opt, batch: Batch, precision: str, device: torch.device, diff
 
     def step() -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            out = forward(batch.x, batch.t, batch.context)
+            out = forward(batch)
         F.mse_loss(out.float(), batch.target).backward()
         if opt is not None:
             opt.step()
@@ -118,10 +135,9 @@ def resident_bytes(net, opt) -> int:
 def output_difference(ours, theirs, batch: Batch, precision: str, device: torch.device) -> float:
     """``|ours - diffusers| / |diffusers|`` on the same batch (two samples), in eval mode."""
     amp = precision == "bf16"
-    x, t, c = batch.x[:2], batch.t[:2], batch.context[:2]
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-        a = ours(x, t, c).float()
-        b = theirs(x, t, encoder_hidden_states=c, return_dict=False)[0].float()
+        a = forward_of(ours, False)(batch).float()
+        b = forward_of(theirs, True)(batch).float()
     return float((a - b).norm() / b.norm())
 
 
@@ -138,7 +154,7 @@ def compare(args, device: torch.device, peak: float | None) -> list[dict[str, An
             ours = unet_preset(name)
         nonzero(ours)
         theirs = diffusers_unet(ours, sample_size=sizes[0][0] // 8)
-        ctx_dim = ours.config["context_dim"]
+        ctx_dim = ours.config  # what a batch needs: the context width, a vector condition
         opts = {
             "ours": make_optimizer(ours.parameters(), args.optimizer),
             "diffusers": make_optimizer(theirs.parameters(), args.optimizer),
@@ -310,7 +326,7 @@ def ladder(
                 opt = None
                 free_memory(device)
                 opt, opt_key = make_optimizer(net.parameters(), args.optimizer, **rung["opt"]), key
-            ctx = net.config["context_dim"]
+            ctx = net.config
             step = make_step(net, opt, Batch(b, px // 8, ctx, device), args.precision, device)
             with sdpa_context(rung["sdpa"]):
                 if flops is None:
@@ -389,7 +405,7 @@ def largest_batch(args, device: torch.device) -> dict[str, Any]:
     with torch.device(device):
         net = unet_preset(name)
     opt = make_optimizer(net.parameters(), args.optimizer)
-    ctx = net.config["context_dim"]
+    ctx = net.config
     peaks = {}
     for n in (max(1, b // 4), b):
         step = make_step(net, opt, Batch(n, px // 8, ctx, device), args.precision, device)

@@ -52,11 +52,12 @@ def test_every_part_runs_and_the_markdown_has_its_figures(suite):
         "Stage 1",
         "Sampling",
         "Fine-tuning",
+        "SDXL at 1024 px",
     )
     for title in titles:
         assert f"## {title}" in md
-    assert md.count("exit 0") == 5 and "Not run yet." in md  # the pytest -m gpu part: GPU only
-    for part in ("unet_step", "ldm_step", "vae_step", "sampling", "lora_step"):
+    assert md.count("exit 0") == 6 and "Not run yet." in md  # the pytest -m gpu part: GPU only
+    for part in ("unet_step", "ldm_step", "vae_step", "sampling", "lora_step", "sdxl_step"):
         result = _json(tmp, part)
         assert result["returncode"] == 0 and result["command"].startswith("python benchmarks/")
         assert result["command"] in md
@@ -90,3 +91,19 @@ def test_lightning_and_sampling_parts_report_against_their_references(suite):
     sampling = _json(tmp, "sampling")
     # ours and diffusers' pipeline from the same noise: the same images (float32 on the CPU)
     assert all(diff < 1e-4 for *_, diff in sampling["rows"]), sampling["rows"]
+
+
+def test_the_sdxl_part_compares_with_diffusers_and_measures_each_way_to_fit(suite):
+    tmp, _ = suite
+    result = _json(tmp, "sdxl_step")
+    ours, theirs = (r for r in result["compare"] if r["impl"] in ("ours", "diffusers"))
+    assert ours["output_rel_diff"] < 1e-5 and ours["gflop_per_image"] == theirs["gflop_per_image"]
+    ways = {r["way"]: r for r in result["memory"]}
+    assert set(ways) == {
+        "AdamW",
+        "AdamW, checkpointing, step in backward",
+        "LoRA rank 32 (AdamW), checkpointing",
+    }
+    assert all(r["s_per_step"] > 0 for r in ways.values())
+    lora = ways["LoRA rank 32 (AdamW), checkpointing"]
+    assert lora["trained_params"] < ways["AdamW"]["trained_params"] / 3

@@ -494,3 +494,46 @@ def test_the_original_size_comes_from_the_image_or_what_its_json_records():
     resized = decode({**sample, "json": recorded.encode()})
     assert resized["original_size"].tolist() == [1024, 1536]
     assert decode({**sample, "json": b"{not json"})["original_size"].tolist() == [32, 48]
+
+
+@pytest.mark.slow
+def test_dreambooth_on_sdxl_with_buckets_conditions_on_each_photos_size(
+    sdxl_folder, tmp_path, data_dir, monkeypatch
+):
+    """DreamBooth on an SDXL folder from photos of three aspect ratios: the class images come
+    from the SDXL base (its conditioner, sizes included), every batch is one bucket, and each
+    sample's original size and crop reach the U-Net's vector condition."""
+    import numpy as np
+    from PIL import Image
+
+    from sd_lightning.commands.train import train
+    from sd_lightning.conditioning.conditioner import Conditioner
+
+    folder, *_ = sdxl_folder
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i, (w, h) in enumerate([(40, 64), (64, 40), (48, 48)]):
+        Image.fromarray(np.full((h, w, 3), 60 * i, np.uint8)).save(photos / f"{i}.png")
+    seen = []
+    forward = Conditioner.forward
+
+    def spy(self, batch, *args, **kwargs):  # what the U-Net is conditioned on, batch by batch
+        seen.append(
+            {k: batch[k].tolist() for k in ("original_size", "crop_top_left", "target_size")}
+        )
+        return forward(self, batch, *args, **kwargs)
+
+    cfg = [
+        "trainer=debug", "logger=none", "data.image_size=32", "data.bucket_step=8",
+        "data.batch_size=2", "model.val_sampler.steps=2", "experiment=dreambooth", "data=folder",
+        f"data.path={photos}", f"pretrained={folder}", "trainer.max_steps=3",
+        "finetune.instance_prompt='a photo of sks star'", "finetune.class_prompt='a photo of a star'",
+        "finetune.num_class_images=2", "finetune.sampler.steps=2",
+    ]  # fmt: skip
+    monkeypatch.setattr(Conditioner, "forward", spy)  # a spy: the real forward, recorded
+    train(compose_config(cfg, tmp_path / "run", data_dir))
+    assert len(list((data_dir / "dreambooth").glob("a_photo_of_a_star-*/*.png"))) == 2
+    originals = {tuple(o) for s in seen for o in s["original_size"]}
+    assert {(64, 40), (40, 64)} <= originals  # the portrait's and the landscape's own sizes
+    for s in seen:  # one bucket per batch
+        assert len({tuple(t) for t in s["target_size"]}) == 1

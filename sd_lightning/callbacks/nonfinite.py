@@ -20,6 +20,7 @@ import torch
 
 from sd_lightning.models.parallel import local
 from sd_lightning.systems.checkpoint_io import checkpoint_folder
+from sd_lightning.systems.optim import StepInBackward
 
 log = logging.getLogger(__name__)
 
@@ -52,23 +53,42 @@ class NonFiniteGuard(L.Callback):
         norms = torch._foreach_norm(grads)
         return torch.stack(norms).sum().isfinite()  # nan or inf in any gradient -> nan or inf
 
+    def on_before_backward(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor
+    ) -> None:
+        """An optimizer that steps inside backward (``step_in_backward``) is told before it:
+        a non-finite loss frees its gradients without a step (one device: no gather)."""
+        optimizer = trainer.optimizers[0] if trainer.optimizers else None
+        if isinstance(optimizer, StepInBackward):
+            optimizer.skip = not bool(torch.isfinite(loss))
+            if optimizer.skip:
+                self._skipped(trainer, pl_module, [trainer.global_rank], "loss")
+            else:
+                self.consecutive = 0
+
     def on_before_optimizer_step(
         self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
+        if isinstance(optimizer, StepInBackward):  # stepped in backward, checked before it
+            return
         finite = self._finite(optimizer).to(trainer.strategy.root_device, torch.int32)
         ranks = trainer.strategy.all_gather(finite).reshape(-1)
         if bool(ranks.all()):
             self.consecutive = 0
             return
         optimizer.zero_grad(set_to_none=True)  # the optimizer skips parameters without gradients
+        bad = [i for i, ok in enumerate(ranks.tolist()) if not ok]
+        self._skipped(trainer, pl_module, bad, "gradients")
+
+    def _skipped(self, trainer: L.Trainer, pl_module, bad: list[int], what: str) -> None:
         self.skipped += 1
         self.consecutive += 1
-        bad = [i for i, ok in enumerate(ranks.tolist()) if not ok]
         pl_module.log("train/nonfinite_skipped", float(self.skipped), reduce_fx="max")
         if trainer.is_global_zero:
             log.warning(
-                "non-finite gradients on rank(s) %s at step %d: step skipped on every rank "
+                "non-finite %s on rank(s) %s at step %d: step skipped on every rank "
                 "(%d in a row, %d in all)",
+                what,
                 bad,
                 trainer.global_step,
                 self.consecutive,

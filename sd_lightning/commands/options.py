@@ -163,6 +163,26 @@ def text_blocks(text: DictConfig) -> int | None:
     return None
 
 
+def check_step_in_backward(trainer: DictConfig) -> None:
+    """What ``model.optimizer.step_in_backward=true`` cannot run with, named before training:
+    it steps each parameter as its gradient is ready, so nothing may need every gradient."""
+    devices, nodes = trainer.get("devices", 1), int(trainer.get("num_nodes", 1) or 1)
+    many = devices == -1 or (isinstance(devices, int) and devices * nodes > 1) or nodes > 1
+    many = many or not (isinstance(devices, int) or devices == "auto")  # a list of devices
+    problems = {
+        "trainer.accumulate_grad_batches > 1": int(trainer.get("accumulate_grad_batches", 1)) > 1,
+        "trainer.precision=16-mixed (loss scaling)": str(trainer.get("precision")).startswith("16"),
+        "more than one device (gradients averaged after backward)": many,
+    }
+    found = [name for name, bad in problems.items() if bad]
+    if found:
+        raise InputError(
+            f"model.optimizer.step_in_backward=true steps each parameter as its gradient is "
+            f"ready, which {found[0]} cannot go with: use one device, bf16-mixed or 32-true and "
+            "no gradient accumulation, or model.optimizer.step_in_backward=false"
+        )
+
+
 def check_model_options(model: DictConfig | None) -> None:
     if not model or "caption_dropout" not in model:
         return
@@ -226,3 +246,7 @@ def check_training_options(cfg: DictConfig) -> None:
     if cfg.get("stage") == "ldm":
         check_text_layer(text)
         check_model_options(cfg.get("model"))
+        optimizer = (cfg.get("model") or {}).get("optimizer") or {}
+        choice(optimizer.get("name", "adamw"), "model.optimizer.name", ("adamw", "adafactor"))
+        if optimizer.get("step_in_backward"):
+            check_step_in_backward(cfg.trainer)
