@@ -146,11 +146,13 @@ SDXL_SIZE_DIM = 8
 
 def sdxl_text_models(transformers):
     """A CLIP-L-like ``CLIPTextModel`` (32 wide, 2 heads, 3 layers, quick-GELU) and a bigG-like
-    ``CLIPTextModelWithProjection`` (48 wide, 4 heads of 12, 4 layers, GELU, 24-d projection)."""
+    ``CLIPTextModelWithProjection`` (48 wide, 4 heads of 12, 4 layers, GELU, 24-d projection,
+    ``eos_token_id`` 2 as SDXL's config has it)."""
     one = clip_model(transformers, layers=3, heads=2, hidden_size=32, intermediate_size=80)
-    two = clip_model(
-        transformers, 4, 4, "gelu", hidden_size=48, intermediate_size=144, projection_dim=24
-    )
+    two = clip_model(  # eos_token_id 2, as SDXL's: transformers pools at the highest id
+        transformers, 4, 4, "gelu", hidden_size=48, intermediate_size=144, projection_dim=24,
+        eos_token_id=2,
+    )  # fmt: skip
     return one, two
 
 

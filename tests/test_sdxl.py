@@ -149,6 +149,11 @@ def test_an_sdxl_folder_conditions_as_the_sdxl_pipeline_encodes(sdxl_folder):
     uncond = system.conditioner.encode(["", ""], size=(16, 16))  # force_zeros_for_empty_prompt
     assert not negative.any() and not negative_pooled.any()
     assert not uncond.crossattn.any() and not uncond.vector[:, :24].any()
+    # where transformers pools, read from the folder: the highest id for eos_token_id 2 (SDXL's
+    # config), else the first end-of-text
+    from sd_lightning.weights.text import read_sd_text
+
+    assert read_sd_text(str(folder), "x", "x", "text_encoder_2").config["pool"] == "argmax"
     # a training batch's sizes are its own; without them a square crop of the latents' size
     batch = {"original_size": torch.tensor([[40, 30]]), "crop_top_left": torch.tensor([[2, 0]])}
     ids = size_ids(batch, 1, (16, 16), torch.device("cpu"))
@@ -347,11 +352,6 @@ def test_an_sdxl_lora_exports_kohyas_sdxl_names_that_diffusers_loads(
     save_file(kohya, str(sd1), metadata={"ss_base_model_version": "sd_v1"})
     with pytest.raises(InputError, match="is a LoRA of SD 1.x, but this model is SDXL"):
         apply_loras(load_ldm(str(folder)), [str(sd1)], 1.0)
-    textual = [*DATA_TINY, "stage=ldm", "finetune=textual_inversion", "data.image_size=32"]
-    for options in ([*lora, "finetune.text_encoder=true"], textual):
-        cfg = compose_config([*options, f"pretrained={folder}"], tmp_path / "x", data_dir)
-        with pytest.raises(Exception, match="SDXL's two text encoders: not supported yet"):
-            train(cfg)  # (Hydra wraps the InputError; the command line prints it as one line)
 
 
 @pytest.mark.slow
@@ -537,3 +537,113 @@ def test_dreambooth_on_sdxl_with_buckets_conditions_on_each_photos_size(
     assert {(64, 40), (40, 64)} <= originals  # the portrait's and the landscape's own sizes
     for s in seen:  # one bucket per batch
         assert len({tuple(t) for t in s["target_size"]}) == 1
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    """Teal discs on grey, portrait, landscape and square."""
+    import numpy as np
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("photos")
+    for i, (w, h) in enumerate([(40, 64), (64, 40), (48, 48)]):
+        pixels = np.full((h, w, 3), 200, np.uint8)
+        yy, xx = np.mgrid[:h, :w]
+        pixels[(yy - h / 2) ** 2 + (xx - w / 2) ** 2 < (min(w, h) / 3) ** 2] = (0, 128, 128)
+        Image.fromarray(pixels).save(folder / f"{i}.png")
+    return folder
+
+
+FOLDER = [
+    "trainer=debug", "logger=none", "data.image_size=32", "data.bucket_step=8",
+    "data.batch_size=2", "model.val_sampler.steps=2", "data=folder", "trainer.max_steps=3",
+]  # fmt: skip
+
+
+def test_textual_inversion_on_sdxl_trains_both_encoders_vectors_read_by_diffusers(
+    sdxl_folder, photos, tmp_path, data_dir
+):
+    """The new word joins both text encoders; its vectors train side by side and export as
+    SDXL's clip_l/clip_g file and diffusers' two files, which ``load_textual_inversion`` reads
+    into both encoders to our conditions; ``embeddings=`` reads the file back."""
+    from safetensors.torch import load_file
+
+    from sd_lightning.commands.open import load_ldm
+    from sd_lightning.commands.train import train
+    from sd_lightning.finetune.embedding_files import load_embeddings
+
+    folder, *_ = sdxl_folder
+    run = tmp_path / "run"
+    cfg = [*FOLDER, f"data.path={photos}", f"pretrained={folder}", "experiment=textual_inversion"]
+    cfg += ["finetune.token='<c1>'", "finetune.init_word=blue", "finetune.num_vectors=2"]
+    cfg += ["model.optimizer.lr=5e-2", "data.caption='a photo of <c1>'"]
+    train(compose_config(cfg, run, data_dir))
+    state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert state["embeddings.weight"].shape == (2, 80)  # CLIP-L's 32 and bigG's 48, side by side
+    sdxl_file = load_file(run / "export" / "c1.safetensors")
+    assert {k: tuple(v.shape) for k, v in sdxl_file.items()} == {
+        "clip_l": (2, 32),
+        "clip_g": (2, 48),
+    }
+    prompts = ["a photo of <c1> at the top left"]
+    trained = load_ldm(run / "checkpoints" / "last.ckpt").conditioner.encode(prompts, size=(16, 16))
+    base = load_ldm(str(folder)).conditioner.encode(prompts, size=(16, 16))
+    assert (trained.crossattn - base.crossattn).abs().max() > 1e-3  # the vectors moved
+    pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(str(folder))
+    for key, encoder, tokenizer in (  # as diffusers' docs load an SDXL embedding
+        ("clip_l", pipe.text_encoder, pipe.tokenizer),
+        ("clip_g", pipe.text_encoder_2, pipe.tokenizer_2),
+    ):
+        pipe.load_textual_inversion(
+            sdxl_file[key], token="<c1>", text_encoder=encoder, tokenizer=tokenizer
+        )
+    with torch.no_grad():
+        states, _, pooled, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False)
+    torch.testing.assert_close(trained.crossattn, states, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(trained.vector[:, :24], pooled, atol=1e-5, rtol=1e-4)
+    sampling = load_ldm(str(folder))  # stage=sample embeddings=[...] on the base
+    assert load_embeddings(
+        sampling.conditioner.text_encoder, [run / "export" / "c1.safetensors"]
+    ) == ["<c1>"]
+    again = sampling.conditioner.encode(prompts, size=(16, 16))
+    torch.testing.assert_close(again.crossattn, trained.crossattn, atol=1e-6, rtol=1e-5)
+    for name, width in (("learned_embeds", 32), ("learned_embeds_2", 48)):
+        assert load_file(run / "export" / f"{name}.safetensors")["<c1>"].shape == (2, width)
+
+
+def test_a_lora_of_both_sdxl_text_encoders_trains_and_diffusers_loads_it(
+    sdxl_folder, photos, tmp_path, data_dir
+):
+    from safetensors.torch import load_file
+
+    from sd_lightning.commands.open import apply_loras, load_ldm
+    from sd_lightning.commands.train import train
+
+    folder, *_ = sdxl_folder
+    run = tmp_path / "run"
+    cfg = [*FOLDER, f"data.path={photos}", f"pretrained={folder}", "experiment=lora"]
+    cfg += ["finetune.rank=4", "finetune.alpha=8", "finetune.text_encoder=true"]
+    cfg += ["model.optimizer.lr=3e-2", "data.caption='a teal disc'"]
+    train(compose_config(cfg, run, data_dir))
+    kohya = load_file(run / "export" / "lora.safetensors")
+    for prefix in (
+        "lora_te1_text_model_encoder_layers_0_",
+        "lora_te2_text_model_encoder_layers_3_",
+    ):
+        assert any(k.startswith(prefix) for k in kohya), prefix  # bigG's last block: it pools
+    assert not any(k.startswith("lora_te_") for k in kohya)
+    system = load_ldm(run / "checkpoints" / "last.ckpt")
+    prompts = ["a teal disc at the top left"]
+    ours = system.conditioner.encode(prompts, size=(16, 16))
+    base = load_ldm(str(folder)).conditioner.encode(prompts, size=(16, 16))
+    assert (ours.vector - base.vector).abs().max() > 1e-3  # the pooled text moved too
+    for name in ("lora.safetensors", "pytorch_lora_weights.safetensors"):
+        pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(str(folder))
+        pipe.load_lora_weights(str(run / "export"), weight_name=name)
+        with torch.no_grad():
+            states, _, pooled, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False)
+        torch.testing.assert_close(states, ours.crossattn, atol=1e-5, rtol=1e-4, msg=name)
+        torch.testing.assert_close(pooled, ours.vector[:, :24], atol=1e-5, rtol=1e-4, msg=name)
+    apply_loras(system, [], 1.0)  # the run's own adapters merged (sampling, export)
+    merged = system.conditioner.encode(prompts, size=(16, 16))
+    torch.testing.assert_close(merged.crossattn, ours.crossattn, atol=1e-5, rtol=1e-4)

@@ -202,7 +202,8 @@ def apply_loras(system: LatentDiffusionSystem, paths: Any, scales: Any) -> None:
     if getattr(system, "text_tower", None) is not None:  # the text encoder's adapters too
         fuse_attention(merge_adapters(system.text_tower))
         del system.text_tower
-        text.trains = False
+        for encoder in getattr(text, "encoders", [text]):
+            encoder.trains = False
     paths = [paths] if isinstance(paths, str) else list(paths or [])
     if isinstance(scales, (int, float)):
         scales = [float(scales)] * len(paths)

@@ -106,6 +106,7 @@ class OpenCLIPTextEncoder(nn.Module):
             pad = pad or found["pad"]
             layer = found["layer"] if layer == "auto" else layer
             final_norm = found["final_norm"] if final_norm is None else final_norm
+            self.pool = found.get("pool", "argmax")
         else:
             if pretrained is None:
                 raise InputError(
@@ -132,6 +133,7 @@ class OpenCLIPTextEncoder(nn.Module):
                 "text_encoder: pooled=true needs a tower with a text projection (SDXL's OpenCLIP "
                 "ViT-bigG/14, or random_text_cfg.output_dim)"
             )
+        self.pool = getattr(self, "pool", "argmax")  # where it pools (SD weights record it)
         self.skip = layer
         self.final_norm = True if final_norm is None else bool(final_norm)
         self.pooled = bool(pooled)
@@ -211,6 +213,10 @@ class OpenCLIPTextEncoder(nn.Module):
     def vocab_size(self) -> int:
         return self.tower.token_embedding.num_embeddings
 
+    def token_rows(self, ids: list[int]) -> torch.Tensor:
+        """The embedding rows of token ``ids`` (``(len(ids), width)``, float32)."""
+        return self.tower.token_embedding.weight.detach()[ids].float()
+
     def embed_tokens(self, tokens: torch.Tensor, extra: torch.Tensor | None = None):
         """Token embeddings: the tower's table, then the added tokens' rows (fixed, then
         ``extra``)."""
@@ -262,10 +268,16 @@ class OpenCLIPTextEncoder(nn.Module):
         states = tower.ln_final(t(states)) if self.final_norm else t(states)
         if not self.pooled:
             return states, None
-        # the last block's output, normed, at the end-of-text token (the highest id: OpenCLIP's
-        # and SGM's argmax, transformers' too for SDXL's bigG), projected
+        # the last block's output, normed, at the end-of-text token, projected: the highest id
+        # (OpenCLIP's and SGM's argmax; transformers' with SDXL's eos_token_id 2; a word added
+        # past the vocabulary is taken there too), or the first end-of-text where a folder's
+        # config says so
         last = tower.ln_final(t(x))
-        eot = last[torch.arange(len(last), device=device), tokens.argmax(dim=-1)]
+        if self.pool == "argmax":
+            where = tokens.argmax(dim=-1)
+        else:
+            where = (tokens == self.tokenizer.eot_token_id).int().argmax(dim=-1)
+        eot = last[torch.arange(len(last), device=device), where]
         proj = tower.text_projection
         return states, proj(eot) if isinstance(proj, nn.Linear) else eot @ proj
 

@@ -54,12 +54,44 @@ class TextEncoders(nn.Module):
     def trains(self) -> bool:
         return any(getattr(e, "trains", False) for e in self.encoders)
 
+    @property
+    def widths(self) -> list[int]:
+        return [e.width for e in self.encoders]
+
+    # -- new words (textual inversion): in every encoder, their vectors side by side ---------------
+    @property
+    def tokenizer(self):
+        """The first encoder's tokenizer (SDXL's two share the BPE and the added words)."""
+        return self.encoders[0].tokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        return self.encoders[0].vocab_size
+
+    def expand(self, captions: Sequence[str]) -> list[str]:
+        return self.encoders[0].expand(captions)
+
+    def add_embedding(self, name: str, count: int = 1, rows: torch.Tensor | None = None):
+        """The word in every encoder; ``rows``: ``(count, sum of widths)``, each encoder's
+        vectors side by side in order (SDXL: CLIP-L's 768, then bigG's 1280)."""
+        parts = [None] * len(self.encoders) if rows is None else rows.split(self.widths, dim=1)
+        ids = [e.add_embedding(name, count, part) for e, part in zip(self.encoders, parts)]
+        return ids[0]
+
+    def token_rows(self, ids: list[int]) -> torch.Tensor:
+        """The embedding rows of token ``ids``, every encoder's side by side."""
+        return torch.cat([e.token_rows(ids) for e in self.encoders], dim=1)
+
     def forward(self, captions: Sequence[str]) -> torch.Tensor:
         return self.encode(captions)[0]
 
-    def encode(self, captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``(token states, pooled vector or None)`` of ``captions``."""
-        outputs = [e.encode(captions) for e in self.encoders]
+    def encode(
+        self, captions: Sequence[str], extra: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(token states, pooled vector or None)`` of ``captions``; ``extra``: trained words'
+        vectors, ``(vectors, sum of widths)``, split among the encoders."""
+        extras = [None] * len(self.encoders) if extra is None else extra.split(self.widths, 1)
+        outputs = [e.encode(captions, x) for e, x in zip(self.encoders, extras)]
         states = torch.cat([s.float() for s, _ in outputs], dim=-1)
         pooled = None if self.pooling is None else outputs[self.pooling][1].float()
         return states, pooled

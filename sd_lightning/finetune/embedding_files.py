@@ -2,9 +2,12 @@
 
 Written: AUTOMATIC1111's ``<name>.safetensors`` (one tensor ``emb_params``, ``(vectors, width)``;
 the prompt word is the file's name) and diffusers' ``learned_embeds.safetensors``
-(``{token: (vectors, width)}``, what ``pipe.load_textual_inversion`` reads).
-Read (``stage=sample embeddings=[...]``): either, the word being diffusers' key or A1111's file
-name; pickled ``.pt``/``.bin`` embeddings are refused with how to convert them.
+(``{token: (vectors, width)}``, what ``pipe.load_textual_inversion`` reads). For SDXL's two text
+encoders: ``<name>.safetensors`` with ``clip_l`` and ``clip_g`` (what AUTOMATIC1111, ComfyUI and
+kohya's scripts write and read), and diffusers' ``learned_embeds.safetensors`` and
+``learned_embeds_2.safetensors`` (one per encoder, as its SDXL script saves them).
+Read (``stage=sample embeddings=[...]``): any of these, the word being diffusers' key or the
+file's name; pickled ``.pt``/``.bin`` embeddings are refused with how to convert them.
 """
 
 from __future__ import annotations
@@ -23,12 +26,26 @@ def file_name(token: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "", token) or "embedding"
 
 
-def embedding_files(token: str, vectors: torch.Tensor) -> dict[str, Any]:
-    """``{stem: (tensors, metadata)}`` of the two formats."""
+SDXL_KEYS = ("clip_l", "clip_g")  # SDXL's embeddings: CLIP ViT-L's vectors, OpenCLIP bigG's
+
+
+def embedding_files(
+    token: str, vectors: torch.Tensor, widths: list[int] | None = None
+) -> dict[str, Any]:
+    """``{stem: (tensors, metadata)}`` of the formats; ``widths``: the vectors are SDXL's two
+    encoders' side by side (CLIP-L's, then bigG's)."""
     meta = {"token": token, "vectors": str(vectors.shape[0]), "format": "textual_inversion"}
     vectors = vectors.contiguous()
+    name = file_name(token)
+    if widths is not None:
+        parts = [v.contiguous() for v in vectors.split(list(widths), dim=1)]
+        return {
+            name: (dict(zip(SDXL_KEYS, parts)), {**meta, "name": name}),
+            "learned_embeds": ({token: parts[0].clone()}, meta),
+            "learned_embeds_2": ({token: parts[1].clone()}, meta),
+        }
     return {
-        file_name(token): ({"emb_params": vectors}, {**meta, "name": file_name(token)}),
+        name: ({"emb_params": vectors}, {**meta, "name": name}),
         "learned_embeds": ({token: vectors.clone()}, meta),
     }
 
@@ -52,18 +69,27 @@ def read_embedding(path: str, option: str = "embeddings") -> tuple[str, torch.Te
         raise InputError(f"{option}: {path!r} is not a safetensors file (a torch checkpoint)")
     state, meta = found.tensors(), found.metadata
     stem = os.path.splitext(os.path.basename(path))[0]
-    if "emb_params" in state:
-        # the word is the file's name (AUTOMATIC1111); ours keep the token it was trained as
-        token = meta.get("token")
-        word = token if token and file_name(token) == stem else stem
-        vectors = state["emb_params"]
+    # the word is the file's name (AUTOMATIC1111); ours keep the token it was trained as
+    token = meta.get("token")
+    named = token if token and file_name(token) == stem else stem
+    if set(SDXL_KEYS) <= set(state):  # SDXL's: both encoders' vectors, side by side
+        parts = [state[k].float() for k in SDXL_KEYS]
+        parts = [p[None] if p.dim() == 1 else p for p in parts]
+        if parts[0].dim() != 2 or parts[1].dim() != 2 or len(parts[0]) != len(parts[1]):
+            raise InputError(
+                f"{option}: {path!r}: clip_l {tuple(parts[0].shape)} and clip_g "
+                f"{tuple(parts[1].shape)} are not the same number of vectors"
+            )
+        word, vectors = named, torch.cat(parts, dim=1)
+    elif "emb_params" in state:
+        word, vectors = named, state["emb_params"]
     elif len(state) == 1:
         word, vectors = next(iter(state.items()))
     else:
         raise InputError(
             f"{option}: {path!r} holds {len(state)} tensors ({', '.join(list(state)[:4])}): an "
-            "embedding file holds one (emb_params, or the token's name). SDXL's two-encoder "
-            "embeddings (clip_l, clip_g) are not supported yet"
+            "embedding file holds one (emb_params, or the token's name), or SDXL's clip_l and "
+            "clip_g"
         )
     vectors = vectors.float()
     vectors = vectors[None] if vectors.dim() == 1 else vectors
@@ -80,17 +106,12 @@ def read_embedding(path: str, option: str = "embeddings") -> tuple[str, torch.Te
 def load_embeddings(text_encoder: torch.nn.Module, paths: Any) -> list[str]:
     """Add every embedding of ``paths`` to ``text_encoder``; returns their words."""
     paths = [paths] if isinstance(paths, str) else list(paths or [])
-    if paths and not hasattr(text_encoder, "add_embedding"):
-        raise InputError(
-            f"embeddings={[str(p) for p in paths]}: this model's text encoders "
-            f"({type(text_encoder).__name__}, SDXL's two) take no embeddings yet"
-        )
     words = []
     for path in paths:
         word, vectors = read_embedding(str(path))
         width = getattr(text_encoder, "width", vectors.shape[1])
         if vectors.shape[1] != width:
-            family = {768: " (SD 1's)", 1024: " (SD 2's)"}
+            family = {768: " (SD 1's)", 1024: " (SD 2's)", 2048: " (SDXL's clip_l + clip_g)"}
             raise InputError(
                 f"embeddings: {path}: {len(vectors)} vector(s) of {vectors.shape[1]} numbers"
                 f"{family.get(vectors.shape[1], '')}, but this text encoder's width is {width}"

@@ -131,15 +131,17 @@ class LoRA:
         from sd_lightning.finetune.lora_files import lora_files
 
         tower = getattr(system, "text_tower", None)
-        text = adapter_state(tower.state_dict()) if tower is not None else {}
+        towers = list(tower) if isinstance(tower, nn.ModuleList) else [tower] if tower else []
+        texts = [adapter_state(t.state_dict()) for t in towers]  # SDXL: both encoders'
         return lora_files(
             adapter_state(state),
             net,
             self.rank,
             self.alpha,
-            text,
+            texts[0] if texts else None,
             prediction=system.prediction,
             image_size=system._image_size(),
+            text_2=texts[1] if len(texts) > 1 else None,
         )
 
 

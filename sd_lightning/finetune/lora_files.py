@@ -124,11 +124,13 @@ def lora_files(
     text: dict[str, torch.Tensor] | None = None,
     prediction: str = "epsilon",
     image_size: int = 512,
+    text_2: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, tuple[dict[str, torch.Tensor], dict[str, str]]]:
     """``{"lora": kohya's file, "pytorch_lora_weights": diffusers'}``: tensors and metadata,
     from ``adapter_state``'s ``<module>.lora_A`` / ``.lora_B`` of the U-Net (and of the text
-    tower: ``text``). kohya names an SD 1/2 U-Net's layers by diffusers' paths and an SDXL
-    U-Net's by SGM's (``lora_unet_input_blocks_4_1_...``), which are ours."""
+    tower: ``text``, and SDXL's second: ``text_2``). kohya names an SD 1/2 U-Net's layers by
+    diffusers' paths and an SDXL U-Net's by SGM's (``lora_unet_input_blocks_4_1_...``), which
+    are ours."""
     names = diffusers_names(unet)
     sdxl = unet.config.get("adm_in_channels") is not None
     kohya, diff = {}, {}
@@ -147,9 +149,20 @@ def lora_files(
             stem = _diffusers_unet_name(path)
             kohya_path = (module if sdxl else path).replace(".", "_")
             add(KOHYA_UNET + kohya_path, stem, a, b, ".down.weight", ".up.weight")
-    for path, (a, b) in text_pairs(text or {}).items():
-        stem = DIFFUSERS_TEXT + path
-        add(KOHYA_TEXT + path.replace(".", "_"), stem, a, b, ".lora_A.weight", ".lora_B.weight")
+    # SDXL's two encoders: kohya's lora_te1_/lora_te2_, diffusers' text_encoder./text_encoder_2.
+    prefixes = [(KOHYA_TEXT, DIFFUSERS_TEXT)] if text_2 is None else [
+        ("lora_te1_", DIFFUSERS_TEXT), ("lora_te2_", "text_encoder_2.")]  # fmt: skip
+    for (kohya_prefix, diffusers_prefix), adapters in zip(prefixes, [text, text_2]):
+        for path, (a, b) in text_pairs(adapters or {}).items():
+            stem = diffusers_prefix + path
+            add(
+                kohya_prefix + path.replace(".", "_"),
+                stem,
+                a,
+                b,
+                ".lora_A.weight",
+                ".lora_B.weight",
+            )
     meta = kohya_metadata(rank, alpha, unet.config["context_dim"], prediction, image_size, sdxl)
 
     def plain(state):

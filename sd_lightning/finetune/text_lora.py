@@ -74,22 +74,26 @@ class SplitAttention(nn.Module):
 
 
 def adapt_text_encoder(text_encoder: nn.Module, rank: int, alpha: float, dropout: float):
-    """Adapters on every running block of ``text_encoder``'s tower; returns the tower."""
+    """Adapters on every running block of ``text_encoder``'s tower; returns the tower (SDXL's
+    two text encoders: both towers, as a ``ModuleList`` in order)."""
+    if hasattr(text_encoder, "encoders"):
+        return nn.ModuleList(_adapt(e, rank, alpha, dropout) for e in text_encoder.encoders)
+    return _adapt(text_encoder, rank, alpha, dropout)
+
+
+def _adapt(text_encoder: nn.Module, rank: int, alpha: float, dropout: float) -> nn.Module:
     from peft import LoraConfig, inject_adapter_in_model
 
     tower = getattr(text_encoder, "tower", None)
     if tower is None:
         raise InputError(
-            f"finetune.text_encoder=true needs one OpenCLIP/CLIP text encoder, not "
+            f"finetune.text_encoder=true needs OpenCLIP/CLIP text encoders, not "
             f"{type(text_encoder).__name__}"
-            + (
-                " (SDXL's two text encoders: not supported yet; the U-Net's LoRA, "
-                "DreamBooth and full fine-tuning are)"
-                if hasattr(text_encoder, "encoders")
-                else ""
-            )
         )
-    blocks = tower.transformer.resblocks[: len(tower.transformer.resblocks) - text_encoder.skip]
+    running = len(tower.transformer.resblocks)  # the pooled output runs the last block too
+    blocks = tower.transformer.resblocks[
+        : running if text_encoder.pooled else running - text_encoder.skip
+    ]
     names = []
     for i, block in enumerate(blocks):
         block.attn = SplitAttention(block.attn)
@@ -112,8 +116,9 @@ def adapt_text_encoder(text_encoder: nn.Module, rank: int, alpha: float, dropout
 
 
 def fuse_attention(tower: nn.Module) -> None:
-    """Every :class:`SplitAttention` of ``tower`` back to OpenCLIP's fused module (its adapters
-    merged first)."""
-    for block in tower.transformer.resblocks:
-        if isinstance(block.attn, SplitAttention):
-            block.attn = block.attn.fused()
+    """Every :class:`SplitAttention` of ``tower`` (or of each of SDXL's two) back to OpenCLIP's
+    fused module (its adapters merged first)."""
+    for one in tower if isinstance(tower, nn.ModuleList) else [tower]:
+        for block in one.transformer.resblocks:
+            if isinstance(block.attn, SplitAttention):
+                block.attn = block.attn.fused()

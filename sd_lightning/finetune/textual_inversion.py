@@ -6,7 +6,9 @@ The word (``token``, e.g. ``<my-teapot>``) joins the tokenizer as one token per 
 embedding, and only they reach the optimizer. Checkpoints hold the vectors and the base weights'
 reference; exports are AUTOMATIC1111's embedding (``<name>.safetensors``, ``emb_params``: the
 prompt word there is the file's name) and diffusers' ``learned_embeds.safetensors``
-(``{token: vectors}``, for ``load_textual_inversion``) (:mod:`.embedding_files`).
+(``{token: vectors}``, for ``load_textual_inversion``) (:mod:`.embedding_files`). On SDXL the
+word joins both text encoders, its vectors side by side (CLIP-L's, then bigG's), exported as
+SDXL's ``clip_l``/``clip_g`` file and diffusers' two ``learned_embeds`` files.
 """
 
 from __future__ import annotations
@@ -67,17 +69,6 @@ class TextualInversion:
 
     def embeddings(self, text_encoder: nn.Module) -> LearnedEmbeddings:
         """Add the word to ``text_encoder`` and return its trainable vectors."""
-        if not hasattr(text_encoder, "add_embedding"):
-            raise InputError(
-                f"finetune=textual_inversion needs one OpenCLIP/CLIP text encoder, not "
-                f"{type(text_encoder).__name__}"
-                + (
-                    " (SDXL's two text encoders: not supported yet; the U-Net's LoRA, "
-                    "DreamBooth and full fine-tuning are)"
-                    if hasattr(text_encoder, "encoders")
-                    else ""
-                )
-            )
         ids = text_encoder.tokenizer.encode(self.init_word)
         if not ids:
             raise InputError(f"finetune.init_word={self.init_word!r} has no tokens")
@@ -88,16 +79,17 @@ class TextualInversion:
                 f"finetune.token={self.token!r}: {e}: choose another, e.g. "
                 f"'<{self.token.strip('<>')}-1>'"
             ) from e
-        table = text_encoder.tower.token_embedding.weight.detach()
-        start = table[ids].float().mean(0, keepdim=True).repeat(self.num_vectors, 1)
+        rows = text_encoder.token_rows(ids)  # SDXL: both encoders' rows side by side
+        start = rows.mean(0, keepdim=True).repeat(self.num_vectors, 1)
         log.info(
             "finetune: textual inversion of %r, %d vector(s) of %d from %r (%d token(s)); the "
-            "U-Net and the text encoder frozen",
+            "U-Net and the text encoder%s frozen",
             self.token,
             self.num_vectors,
-            table.shape[1],
+            rows.shape[1],
             self.init_word,
             len(ids),
+            "s" if hasattr(text_encoder, "encoders") else "",
         )
         return LearnedEmbeddings(self.token, start)
 
@@ -129,4 +121,6 @@ class TextualInversion:
         log.warning("%s there: shorten those captions or lower finetune.num_vectors", what)
 
     def files(self, system: nn.Module, net: nn.Module, state: dict) -> dict[str, Any]:
-        return embedding_files(self.token, system.embeddings.weight.detach().float().cpu())
+        encoder = system.conditioner.text_encoder
+        widths = getattr(encoder, "widths", None)  # SDXL: clip_l's and clip_g's vectors
+        return embedding_files(self.token, system.embeddings.weight.detach().float().cpu(), widths)

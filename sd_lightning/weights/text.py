@@ -38,11 +38,14 @@ def tower_config(
     layer: int,
     layer_norm_eps: float = 1e-5,
     final_norm: bool = True,
+    pool: str = "argmax",
 ) -> dict[str, Any]:
     """The ``TextTransformer`` size of OpenCLIP-named text weights with what they do not show:
     the heads (``None``: 64 wide, as in every CLIP text tower SD releases use), the activation,
-    the padding, ``layer``, the final blocks SD skips, and whether the states pass the final
-    layer norm (SDXL: no)."""
+    the padding, ``layer``, the final blocks SD skips, whether the states pass the final layer
+    norm (SDXL: no), and where a pooling tower pools: ``argmax`` (the highest token id, as
+    OpenCLIP, SGM and transformers' configs with ``eos_token_id: 2``, SDXL's, do) or ``eot``
+    (the first end-of-text, transformers' newer configs)."""
     width = state["token_embedding.weight"].shape[1]
     layers = {k.split(".")[2] for k in state if k.startswith("transformer.resblocks.")}
     heads = heads or width // 64
@@ -63,6 +66,7 @@ def tower_config(
         "pad": pad,
         "layer": layer,
         "final_norm": bool(final_norm),
+        "pool": pool,
         "projection_dim": (
             state["text_projection"].shape[1] if state.get("text_projection") is not None else None
         ),
@@ -124,6 +128,7 @@ def _read_folder(path: str, option: str, expected: str, component: str) -> Part:
         1 if xl else 0,
         hf.get("layer_norm_eps", 1e-5),
         final_norm=not xl,
+        pool="argmax" if hf.get("eos_token_id", 49407) == 2 else "eot",
     )
     recorded = {
         "num_hidden_layers": config["layers"],
@@ -191,6 +196,7 @@ def read_sd_text(path: str, option: str, expected: str, component: str = "text_e
         int(meta.get("layer", layer)),
         meta.get("layer_norm_eps", 1e-5),
         final_norm=meta.get("final_norm", family != "sdxl"),
+        pool=meta.get("pool", "argmax"),
     )
     return Part(config, state, family, path)
 

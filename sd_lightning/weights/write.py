@@ -85,6 +85,7 @@ def text_record(encoder: torch.nn.Module, layer: int) -> dict[str, Any]:
         "layer_norm_eps": tower.ln_final.eps,
         "layer": layer,
         "final_norm": encoder.final_norm,
+        "pool": encoder.pool,
     }
 
 
@@ -219,7 +220,9 @@ def _text_config(encoder: torch.nn.Module, layers: int, dtype: torch.dtype) -> d
         "layer_norm_eps": tower.ln_final.eps,
         "projection_dim": encoder.pooled_dim if pooled else width,
         "bos_token_id": 49406,
-        "eos_token_id": 49407,
+        # transformers pools at the highest id for eos_token_id 2 (SDXL's own config), else at
+        # the first end-of-text
+        "eos_token_id": 2 if pooled and encoder.pool == "argmax" else 49407,
         "pad_token_id": 49407 if encoder.pad_eot else 0,
         "torch_dtype": str(dtype).removeprefix("torch."),
     }
