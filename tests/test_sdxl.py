@@ -527,12 +527,12 @@ def test_dreambooth_on_sdxl_with_buckets_conditions_on_each_photos_size(
         "trainer=debug", "logger=none", "data.image_size=32", "data.bucket_step=8",
         "data.batch_size=2", "model.val_sampler.steps=2", "experiment=dreambooth", "data=folder",
         f"data.path={photos}", f"pretrained={folder}", "trainer.max_steps=3",
-        "finetune.instance_prompt='a photo of sks star'", "finetune.class_prompt='a photo of a star'",
+        "finetune.instance_prompt='a photo of sks disc'", "finetune.class_prompt='a photo of a disc'",
         "finetune.num_class_images=2", "finetune.sampler.steps=2",
     ]  # fmt: skip
     monkeypatch.setattr(Conditioner, "forward", spy)  # a spy: the real forward, recorded
     train(compose_config(cfg, tmp_path / "run", data_dir))
-    assert len(list((data_dir / "dreambooth").glob("a_photo_of_a_star-*/*.png"))) == 2
+    assert len(list((data_dir / "dreambooth").glob("a_photo_of_a_disc-*/*.png"))) == 2
     originals = {tuple(o) for s in seen for o in s["original_size"]}
     assert {(64, 40), (40, 64)} <= originals  # the portrait's and the landscape's own sizes
     for s in seen:  # one bucket per batch
