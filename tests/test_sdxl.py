@@ -647,3 +647,41 @@ def test_a_lora_of_both_sdxl_text_encoders_trains_and_diffusers_loads_it(
     apply_loras(system, [], 1.0)  # the run's own adapters merged (sampling, export)
     merged = system.conditioner.encode(prompts, size=(16, 16))
     torch.testing.assert_close(merged.crossattn, ours.crossattn, atol=1e-5, rtol=1e-4)
+
+
+def test_sdxl_shards_per_block_and_caches_pooled_states_when_offloaded(tmp_path):
+    """FSDP2 per block (one gloo rank) keeps the SDXL-shaped U-Net's names and outputs, its
+    vector condition included; an offloaded text encoder's cache keeps the pooled vector."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from sd_lightning.conditioning import Conditioner
+    from sd_lightning.models.parallel import fully_shard_unet, is_dtensor
+
+    torch.manual_seed(0)
+    plain = randomize(UNetModel(**SDXL_UNET))
+    sharded = UNetModel(**SDXL_UNET)
+    sharded.load_state_dict(plain.state_dict())
+    dist.init_process_group(
+        "gloo", store=dist.FileStore(str(tmp_path / "s"), 1), rank=0, world_size=1
+    )
+    try:
+        fully_shard_unet(sharded, init_device_mesh("cpu", (1,)))
+        assert all(is_dtensor(p) for p in sharded.parameters())
+        assert list(sharded.state_dict()) == list(plain.state_dict())
+        g = torch.Generator().manual_seed(1)
+        x, ctx, y = (torch.randn(s, generator=g) for s in ((2, 4, 8, 8), (2, 5, 80), (2, 72)))
+        with torch.no_grad():
+            torch.testing.assert_close(
+                sharded(x, torch.tensor([5, 600]), ctx, y), plain(x, torch.tensor([5, 600]), ctx, y)
+            )
+    finally:
+        dist.destroy_process_group()
+    text = instantiate(_config("text_encoder", "sdxl_tiny"))
+    online = Conditioner(text, vector_dim=128).encode(["a cat", "", "a cat"], size=(16, 16))
+    offloaded = Conditioner(text, offload=True, vector_dim=128)
+    for _ in range(2):  # encoded, then from the cache
+        got = offloaded.encode(["a cat", "", "a cat"], size=(16, 16))
+        torch.testing.assert_close(got.crossattn, online.crossattn)
+        torch.testing.assert_close(got.vector, online.vector)
+    assert set(offloaded._cache) == {"a cat", ""}
