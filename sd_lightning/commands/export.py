@@ -189,6 +189,22 @@ def export(cfg: DictConfig) -> dict[str, Any]:
             release.text.skip,
             release.text.skip + 1,
         )
+    if layout == "sdxl":
+        standard = {"skip": 1, "final_norm": False}
+        odd = [
+            f"{name} {key}={getattr(encoder, key)}"
+            for name, encoder in zip(("CLIP-L", "bigG"), release.text.encoders)
+            for key, value in standard.items()
+            if getattr(encoder, key) != value
+        ]
+        if odd:
+            log.warning(
+                "%s: the text encoders were read as SDXL's are not (%s); diffusers, ComfyUI and "
+                "AUTOMATIC1111 read SDXL's penultimate states without the final norm, so they "
+                "condition it otherwise; our readers take the settings from the file",
+                output,
+                ", ".join(odd),
+            )
     if layout == "sd2" and release.text.skip > 1:
         log.info(
             "trained on the states %d blocks before the last (text_encoder.layer=%d); SD 2 tools "

@@ -269,12 +269,13 @@ class OpenCLIPTextEncoder(nn.Module):
         if not self.pooled:
             return states, None
         # the last block's output, normed, at the end-of-text token, projected: the highest id
-        # (OpenCLIP's and SGM's argmax; transformers' with SDXL's eos_token_id 2; a word added
-        # past the vocabulary is taken there too), or the first end-of-text where a folder's
-        # config says so
+        # of the vocabulary (OpenCLIP's and SGM's argmax; transformers' with SDXL's eos_token_id
+        # 2), words added past it not counted (they would win the argmax: kohya's pool
+        # workaround, ComfyUI and AUTOMATIC1111 pool at the end-of-text too), or the first
+        # end-of-text where a folder's config says so
         last = tower.ln_final(t(x))
         if self.pool == "argmax":
-            where = tokens.argmax(dim=-1)
+            where = tokens.masked_fill(tokens >= self.vocab_size, 0).argmax(dim=-1)
         else:
             where = (tokens == self.tokenizer.eot_token_id).int().argmax(dim=-1)
         eot = last[torch.arange(len(last), device=device), where]

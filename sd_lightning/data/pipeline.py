@@ -88,7 +88,8 @@ class ImageSampleDecoder:
     """``{"jpg": bytes, "txt": bytes, "json": ...}`` -> ``{"image": tensor, "caption": str}`` and
     the crop's geometry (``original_size``, ``crop_top_left``, ``target_size``). The original
     size is the image's, or the one its ``.json`` records (img2dataset's ``original_width`` and
-    ``original_height`` of an image it resized), which SDXL conditions on."""
+    ``original_height`` of an image it resized, kept to the same shape), which SDXL conditions
+    on."""
 
     def __init__(self, transform: Callable[[Image.Image], torch.Tensor], min_size: int = 0):
         self.transform, self.min_size = transform, min_size
@@ -122,9 +123,14 @@ class ImageSampleDecoder:
                         sample.get("__url__"),
                     )
             fields = self.transform.sample(img, rng)
+            stored = img.size  # (width, height)
         original = meta.get("original_height"), meta.get("original_width")
         if "original_size" in fields and all(isinstance(v, int) and v > 0 for v in original):
-            fields["original_size"] = torch.tensor(original)
+            # only a resize keeps the shape: img2dataset's center_crop or border (padding) modes
+            # changed it, and the crop conditioning would then claim an uncropped image
+            h, w = original
+            if abs(w * stored[1] - h * stored[0]) <= 0.02 * w * stored[1]:
+                fields["original_size"] = torch.tensor(original)
         return {**fields, "caption": caption}
 
 

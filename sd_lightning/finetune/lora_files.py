@@ -96,11 +96,8 @@ def kohya_metadata(
     architecture = "stable-diffusion-v1"
     if v2:
         architecture = "stable-diffusion-v2-768-v" if v else "stable-diffusion-v2-512"
-    if sdxl:
-        version, architecture = (
-            "sdxl_base_v1-0" + ("_v" if v else ""),
-            "stable-diffusion-xl-v1-base",
-        )
+    if sdxl:  # kohya writes sdxl_base_v1-0 for any SDXL base
+        version, architecture = "sdxl_base_v1-0", "stable-diffusion-xl-v1-base"
     return {
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(rank),
@@ -110,7 +107,9 @@ def kohya_metadata(
         "ss_training_comment": "sd_lightning",
         "modelspec.sai_model_spec": "1.0.1",
         "modelspec.architecture": f"{architecture}/lora",
-        "modelspec.implementation": "diffusers",
+        "modelspec.implementation": (
+            "https://github.com/Stability-AI/generative-models" if sdxl else "diffusers"
+        ),
         "modelspec.prediction_type": "v" if v else "epsilon",
         "modelspec.resolution": f"{image_size}x{image_size}",
     }

@@ -56,8 +56,16 @@ def recorded(path: str) -> dict[str, Any]:
         if "prediction_type" in scheduler:
             out["prediction"] = scheduler["prediction_type"]
         return out
-    meta = read_weight_file(path, "ckpt", SD_HINT).metadata
+    found = read_weight_file(path, "ckpt", SD_HINT)
+    meta = found.metadata
     out = {}
+    # an SDXL file without our metadata may say it the way ComfyUI and AUTOMATIC1111 read it:
+    # empty v_pred / ztsnr tensors
+    keys = set(found.lazy_tensors(meta=True)) if found.kind == "safetensors" else set()
+    if "v_pred" in keys:
+        out["prediction"] = "v_prediction"
+    if "ztsnr" in keys:
+        out["schedule"] = {**SD_SCHEDULE, "zero_terminal_snr": True}
     if meta.get("prediction_type"):
         out["prediction"] = meta["prediction_type"]
     if isinstance(meta.get("sd_lightning_schedule"), dict):

@@ -119,15 +119,16 @@ def _read_folder(path: str, option: str, expected: str, component: str) -> Part:
     pad = _folder_pad(os.path.join(os.path.dirname(folder), words)) if folder == sub else None
     if pad not in (None, "eot", "zero"):
         raise InputError(f"{where}: the tokenizer pads with {pad!r}, not <|endoftext|> or '!'")
+    ours = hf.get(TEXT_META) or {}  # our exports say how the tower is read
     config = tower_config(
         state,
         hf.get("num_attention_heads"),
         activation,
         pad or ("eot" if activation == "quick_gelu" else "zero"),
         # SDXL reads hidden_states[-2]; diffusers' SD 2 text_encoder/ already ends there
-        1 if xl else 0,
+        int(ours.get("layer", 1 if xl else 0)),
         hf.get("layer_norm_eps", 1e-5),
-        final_norm=not xl,
+        final_norm=ours.get("final_norm", not xl),
         pool="argmax" if hf.get("eos_token_id", 49407) == 2 else "eot",
     )
     recorded = {
@@ -169,7 +170,7 @@ def read_sd_text(path: str, option: str, expected: str, component: str = "text_e
         keep = (*_OPENCLIP_TEXT, "text_projection")
         prefix = SDXL_PREFIXES[1]
         state = {k[len(prefix) :]: raw[k] for k in raw if k.startswith(prefix)}
-        state = {k: v for k, v in state.items() if k.startswith(keep)}  # not logit_scale
+        state = {k: v for k, v in state.items() if k.startswith(keep) and not _buffer(k)}
         family, activation, pad, layer = "sdxl", "gelu", "zero", 1
     elif second:
         raise InputError(
@@ -180,6 +181,7 @@ def read_sd_text(path: str, option: str, expected: str, component: str = "text_e
         family, activation, pad, layer = "sd1", "quick_gelu", "eot", 0
     elif any(k.startswith(SD2_PREFIX) for k in raw):
         text = [k for k in raw if k.startswith(tuple(SD2_PREFIX + t for t in _OPENCLIP_TEXT))]
+        text = [k for k in text if not _buffer(k)]
         state = {k[len(SD2_PREFIX) :]: raw[k] for k in text}
         family, activation, pad, layer = "sd2", "gelu", "zero", 1
     else:
@@ -199,6 +201,12 @@ def read_sd_text(path: str, option: str, expected: str, component: str = "text_e
         pool=meta.get("pool", "argmax"),
     )
     return Part(config, state, family, path)
+
+
+def _buffer(key: str) -> bool:
+    """Buffers some writers saved beside the weights (older ComfyUI's ``position_ids``, an
+    ``attn_mask``; kohya drops them too): not weights, not read."""
+    return key.endswith(("position_ids", "attn_mask"))
 
 
 def _file_keys(path: str) -> list[str]:

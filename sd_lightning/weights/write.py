@@ -34,6 +34,7 @@ DIFFUSERS_VERSION = "0.30.0"  # the format written (read by every diffusers sinc
 SD1_TEXT, SD2_TEXT = "cond_stage_model.transformer.", "cond_stage_model.model."
 SDXL_TEXT = ("conditioner.embedders.0.transformer.", "conditioner.embedders.1.model.")
 LOGIT_SCALE = "logit_scale"  # bigG's CLIP temperature: SDXL files hold it, nothing reads it
+V_PRED, ZTSNR = "v_pred", "ztsnr"  # SDXL files' markers of v-prediction and zero terminal SNR
 BETAS = {"scaled_linear": "scaled_linear", "linear": "linear", "cosine": "squaredcos_cap_v2"}
 
 
@@ -134,11 +135,18 @@ def single_file_state(
     release: Release,
 ) -> tuple[dict[str, torch.Tensor], list[str], dict[str, Any] | None]:
     """The tensors of an original single file, what it lacks, and what its text encoder's
-    tensors do not show (:func:`text_record`)."""
+    tensors do not show (:func:`text_record`). An SDXL file that predicts v, or whose schedule
+    reaches zero SNR, carries the empty ``v_pred`` / ``ztsnr`` tensors by which ComfyUI and
+    AUTOMATIC1111 tell (their metadata-free convention)."""
     state = {
         **layouts.to_original(release.unet.state_dict(), "unet"),
         **layouts.to_original(release.vae.state_dict(), "vae"),
     }
+    if release.family == "sdxl":
+        if release.prediction == "v_prediction":
+            state[V_PRED] = torch.zeros(0)
+        if release.schedule.get("zero_terminal_snr"):
+            state[ZTSNR] = torch.zeros(0)
     layout = text_layout(release.text)
     if layout is None:
         return state, ["text encoder"], None
@@ -202,7 +210,7 @@ def _part(folder: str, name: str, config: dict[str, Any], state: dict, stem: str
     save_safetensors(state, path, metadata={"format": "pt"})
 
 
-def _text_config(encoder: torch.nn.Module, layers: int, dtype: torch.dtype) -> dict:
+def _text_config(encoder: torch.nn.Module, layers: int, dtype: torch.dtype, skip: int) -> dict:
     tower = encoder.tower
     block = tower.transformer.resblocks[0]
     width = tower.transformer.width
@@ -225,6 +233,9 @@ def _text_config(encoder: torch.nn.Module, layers: int, dtype: torch.dtype) -> d
         "eos_token_id": 2 if pooled and encoder.pool == "argmax" else 49407,
         "pad_token_id": 49407 if encoder.pad_eot else 0,
         "torch_dtype": str(dtype).removeprefix("torch."),
+        # how our text encoder reads this tower (transformers keeps unknown keys): the final
+        # blocks skipped, whether the states pass the final norm; our reader takes them
+        TEXT_META: {"layer": skip, "final_norm": encoder.final_norm},
     }
 
 
@@ -317,10 +328,11 @@ def write_diffusers(release: Release, folder: str, dtype: torch.dtype) -> list[s
             blocks = len(encoder.tower.transformer.resblocks)
             layers = blocks - encoder.skip if layout == "sd2" else blocks
             text_state = hf_from_openclip(_tower_state(release, layers, encoder))
+            skip = 0 if layout == "sd2" else encoder.skip  # (SD 2's folder ends where it reads)
             _part(
                 folder,
                 "text_encoder" + suffix,
-                _text_config(encoder, layers, dtype),
+                _text_config(encoder, layers, dtype, skip),
                 _cast(text_state, dtype),
                 "model",
             )
