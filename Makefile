@@ -42,23 +42,16 @@ DEMO_PROMPTS := "prompts=['a red circle in the center','a green square at the to
   'a blue circle at the top left','a yellow triangle in the center',\
   'a purple circle at the top right','an orange square in the center']"
 
-demo: $(STAMP) ## the whole pipeline on the embedded demo data: VAE, latent diffusion, sampling
+demo: DEMO_LDM := demo_ldm ## the whole pipeline on the embedded demo data: VAE, latent diffusion, sampling
+demo-sdxl: DEMO_LDM := demo_sdxl ## the demo with SDXL's shape: two random text towers, the vector condition, buckets
+demo demo-sdxl: $(STAMP)
 	$(BIN)/python -m sd_lightning experiment=demo_vae hydra.run.dir=$(DEMO_DIR)/vae
-	$(BIN)/python -m sd_lightning experiment=demo_ldm hydra.run.dir=$(DEMO_DIR)/ldm \
+	$(BIN)/python -m sd_lightning experiment=$(DEMO_LDM) hydra.run.dir=$(DEMO_DIR)/ldm \
 	  vae_ckpt=$(DEMO_DIR)/vae/checkpoints/last.ckpt
 	$(BIN)/python -m sd_lightning stage=sample hydra.run.dir=$(DEMO_DIR)/samples \
 	  ckpt=$(DEMO_DIR)/ldm/checkpoints/last.ckpt $(DEMO_PROMPTS) steps=25 guidance=5.0
 	$(BIN)/python -m sd_lightning.data.score $(DEMO_DIR)/samples
 	@echo "demo images: $(DEMO_DIR)/samples (grid.png); runs: $(DEMO_DIR)/{vae,ldm}"
-
-demo-sdxl: $(STAMP) ## the demo with SDXL's shape: two random text towers, the vector condition, buckets
-	$(BIN)/python -m sd_lightning experiment=demo_vae hydra.run.dir=$(DEMO_DIR)/vae
-	$(BIN)/python -m sd_lightning experiment=demo_sdxl hydra.run.dir=$(DEMO_DIR)/sdxl \
-	  vae_ckpt=$(DEMO_DIR)/vae/checkpoints/last.ckpt
-	$(BIN)/python -m sd_lightning stage=sample hydra.run.dir=$(DEMO_DIR)/samples \
-	  ckpt=$(DEMO_DIR)/sdxl/checkpoints/last.ckpt $(DEMO_PROMPTS) steps=25 guidance=5.0
-	$(BIN)/python -m sd_lightning.data.score $(DEMO_DIR)/samples
-	@echo "demo images: $(DEMO_DIR)/samples (grid.png); runs: $(DEMO_DIR)/{vae,sdxl}"
 
 bench-data: $(STAMP) ## data-loading and stage-2 step benchmark -> docs/benchmarks/data_loading.md
 	$(BIN)/python benchmarks/data_loading.py

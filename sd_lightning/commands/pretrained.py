@@ -95,10 +95,7 @@ def _configure_ldm(cfg: DictConfig, path: str) -> None:
 
 def _random(text: DictConfig) -> bool:
     """Whether a ``text_encoder`` config builds random towers only (the stage's default)."""
-    if "encoders" in text:
-        encoders = text.encoders.values() if OmegaConf.is_dict(text.encoders) else text.encoders
-        return all(e.get("random_text_cfg") is not None for e in encoders)
-    return text.get("random_text_cfg") is not None
+    return all(node.get("random_text_cfg") is not None for _, node in text_nodes(text))
 
 
 def _latent_scale(path: str, family: str | None) -> float | None:

@@ -116,11 +116,10 @@ def sd_text_encoder_config(path: str, components: Sequence[str]) -> dict[str, An
 
 
 def sd_text_encoder(path: str, components: Sequence[str]) -> nn.Module:
-    """SD weights' own text encoder(s), built (see :func:`sd_text_encoder_config`)."""
+    """SD weights' own text encoder(s), built from :func:`sd_text_encoder_config`."""
     from sd_lightning.conditioning.text_encoder import OpenCLIPTextEncoder
 
-    built = [
-        OpenCLIPTextEncoder(pretrained=path, layer="auto", component=c, pooled=c != components[0])
-        for c in components
-    ]
-    return built[0] if len(built) == 1 else TextEncoders(built)
+    config = sd_text_encoder_config(path, components)
+    nodes = config.get("encoders", [config])
+    built = [OpenCLIPTextEncoder(**{k: v for k, v in n.items() if k != "_target_"}) for n in nodes]
+    return built[0] if "encoders" not in config else TextEncoders(built)

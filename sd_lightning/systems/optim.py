@@ -12,7 +12,6 @@ whole U-Net never exist at once.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Iterable
 from functools import partial
 from typing import Any
@@ -21,7 +20,6 @@ import torch
 
 from sd_lightning.core.errors import InputError
 
-log = logging.getLogger(__name__)
 NAMES = ("adamw", "adafactor")
 
 
