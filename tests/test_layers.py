@@ -17,7 +17,7 @@ LAYERS = [
     ("core",),  # basics: errors, console, config, stop requests, atomic writes
     ("diffusion", "models", "losses"),  # pure maths and networks
     ("data", "weights"),  # data and weight formats
-    ("conditioning", "finetune"),  # what conditions the U-Net, what fine-tunes it
+    ("conditioning", "finetune", "evaluation"),  # conditions, fine-tuning, measuring
     ("systems", "callbacks"),  # Lightning
     ("commands",),  # one module per stage=, their checks, opening files
     ("__main__",),  # the command line

@@ -20,6 +20,7 @@ from sd_lightning.commands.preflight import check_sampling, size_pair
 from sd_lightning.core.errors import InputError
 from sd_lightning.data.images import save_png, to_uint8
 from sd_lightning.finetune.embedding_files import load_embeddings
+from sd_lightning.systems.ldm import LatentDiffusionSystem
 from sd_lightning.systems.sampling import sample_grid
 
 log = logging.getLogger(__name__)
@@ -40,9 +41,13 @@ def slug(text: str, limit: int = 60) -> str:
     return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:limit] or "empty"
 
 
-def sample(cfg: DictConfig) -> dict[str, Any]:
-    prompts, negative = check_sampling(cfg)
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+def open_for_sampling(
+    cfg: DictConfig, device: torch.device | None = None
+) -> tuple[LatentDiffusionSystem, torch.dtype]:
+    """The stage-2 system of ``cfg.ckpt`` with its LoRA files and embeddings, on ``device``
+    (by default ``cfg.device``, null: CUDA if there is one), its networks in the sampling dtype."""
+    if device is None:
+        device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = sampling_dtype(cfg.get("dtype", "auto"), device)
     system = load_ldm(
         cfg.ckpt, prediction=cfg.get("prediction"), use_ema=cfg.use_ema, base=cfg.get("base")
@@ -59,6 +64,13 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
     # the networks in bf16 (no weight casts in every step); schedule and latent scale stay float32
     system.sampling_net.to(dtype)
     system.vae.to(dtype)
+    return system, dtype
+
+
+def sample(cfg: DictConfig) -> dict[str, Any]:
+    prompts, negative = check_sampling(cfg)
+    system, dtype = open_for_sampling(cfg)
+    device = system.device
     seeds = [int(cfg.seed) + i for i in range(len(prompts))]
     low = device.type == "cuda" or dtype == torch.bfloat16
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=low)

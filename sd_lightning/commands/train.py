@@ -30,7 +30,7 @@ __all__ = ["export_weights", "require", "train"]
 log = logging.getLogger(__name__)
 
 
-def _instantiate_group(group: DictConfig | None) -> list[Any]:
+def instantiate_group(group: DictConfig | None) -> list[Any]:
     """Named entries (``callbacks.model_checkpoint``, ``logger.wandb``...) to a list of objects."""
     if not group:
         return []
@@ -51,8 +51,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     datamodule: L.LightningDataModule = instantiate(cfg.data)
     system: L.LightningModule = instantiate(cfg.model)
     system.run_config = OmegaConf.to_container(cfg, resolve=True)  # stored in every checkpoint
-    callbacks = _instantiate_group(cfg.get("callbacks"))
-    loggers = _instantiate_group(cfg.get("logger"))
+    callbacks = instantiate_group(cfg.get("callbacks"))
+    loggers = instantiate_group(cfg.get("logger"))
     if not loggers:  # nothing to report learning rates to (Lightning would refuse to start)
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)

@@ -68,7 +68,9 @@ def activation(tower: nn.Module) -> str:
 
 
 # -- weights ----------------------------------------------------------------------------------------
-def weights_file(name: str, pretrained: str, cache_dir: str | None) -> str:
+def weights_file(
+    name: str, pretrained: str, cache_dir: str | None, option: str = "text_encoder.pretrained"
+) -> str:
     """The file of ``pretrained`` (a path, or a tag whose file is in the cache or downloaded
     now); one clear error when it cannot be had, before any retry."""
     import open_clip
@@ -76,7 +78,7 @@ def weights_file(name: str, pretrained: str, cache_dir: str | None) -> str:
     if os.sep in pretrained or pretrained.endswith((".bin", ".pt", ".pth", ".safetensors")):
         if not os.path.isfile(pretrained):
             raise InputError(
-                f"text_encoder.pretrained={pretrained!r}: no such file. Point it at an OpenCLIP "
+                f"{option}={pretrained!r}: no such file. Point it at an OpenCLIP "
                 f"weights file (open_clip_pytorch_model.bin or open_clip_model.safetensors of "
                 f"{name})"
             )
@@ -85,7 +87,7 @@ def weights_file(name: str, pretrained: str, cache_dir: str | None) -> str:
     if not record:
         tags = ", ".join(open_clip.list_pretrained_tags_by_model(name)) or "none"
         raise InputError(
-            f"text_encoder.pretrained={pretrained!r} is not an OpenCLIP tag of {name} (its tags: "
+            f"{option}={pretrained!r} is not an OpenCLIP tag of {name} (its tags: "
             f"{tags}) nor a weights file"
         )
     hub = record.get("hf_hub", "")  # "org/model/" (open_clip's default file names) or ".../file"
@@ -101,8 +103,8 @@ def weights_file(name: str, pretrained: str, cache_dir: str | None) -> str:
     fix = (
         f'download them where there is network (python -c "import open_clip; '
         f"open_clip.create_model('{name}', pretrained='{pretrained}')\" fills the Hugging Face "
-        f"cache; copy ~/.cache/huggingface or set text_encoder.cache_dir), or set "
-        f"text_encoder.pretrained=/path/to/open_clip_pytorch_model.bin"
+        f"cache; copy ~/.cache/huggingface or set {option.rsplit('.', 1)[0]}.cache_dir), or set "
+        f"{option}=/path/to/open_clip_pytorch_model.bin"
     )
     if not _hub_reachable():
         raise InputError(

@@ -1,0 +1,391 @@
+"""``stage=eval``: the numbers papers report, for a stage-2 model or a stage-1 VAE.
+
+    # FID, KID and CLIP score per guidance value on COCO-2014 30k (docs/evaluation.md)
+    python -m sd_lightning stage=eval eval=coco30k ckpt=<checkpoint, SD file or diffusers folder> \\
+        eval.prompts=coco/captions_30k.txt eval.reference=coco/val2014_512 \\
+        eval.guidance=[1.5,2,3,4,5,6,7,8] sampler=ddim steps=50 trainer.devices=8
+    # rFID, PSNR, SSIM and LPIPS of a VAE's reconstructions of a shard set
+    python -m sd_lightning stage=eval vae_ckpt=<stage=vae checkpoint or SD VAE> \\
+        eval.reference='/data/imagenet_val/{0000..0049}.tar' image_size=256
+
+Everything that can be wrong is checked before an image is generated: the options, the metric
+weights (Inception, OpenCLIP, LPIPS), the prompts, the reference set (read once, its features
+cached under ``eval.stats_dir``) and the model. Generation and features are split over the ranks
+(``trainer.devices``, ``trainer.num_nodes``, SLURM as in training) and gathered once; image ``i``
+starts from seed ``seed + i`` on any number of ranks. Writes ``eval.json``, ``eval.md``,
+``eval.png`` (FID against CLIP score) and ``grids/`` in the run directory, and logs the numbers
+to the run's loggers. A guidance value already evaluated (``parts/``) is not generated again
+when a stopped run is started again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from sd_lightning.commands.eval_checks import check_eval
+from sd_lightning.core import stopping
+from sd_lightning.core.errors import InputError
+from sd_lightning.data.images import save_png, to_uint8
+from sd_lightning.evaluation import frechet, gather, measure, report
+from sd_lightning.evaluation.clip_score import ClipScorer
+from sd_lightning.evaluation.inception import InceptionFeatures, sha256, weights_path
+from sd_lightning.evaluation.prompts import read_prompts
+from sd_lightning.evaluation.reference import ReferenceSet, batches, reference_features
+from sd_lightning.systems.sampling import sample_grid
+
+log = logging.getLogger(__name__)
+
+
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    check_eval(cfg)
+    fabric = _fabric(cfg)
+    fabric.launch()
+    e, device = cfg.eval, fabric.device
+    run = Run(fabric)
+    fid_size = int(e.fid_size) if e.get("fid_size") else None
+    inception = InceptionFeatures(
+        weights_path(e.inception), int(e.feature_dim), e.resize, fid_size
+    ).to(device)
+    stage2 = cfg.get("ckpt") is not None
+    clip = prompts = system = None
+    if stage2:
+        clip = ClipScorer(e.clip.model, e.clip.pretrained, e.clip.cache_dir).to(device)
+        prompts = read_prompts(e.prompts, int(e.num_images), e.prompt_seed)
+        system = _open_system(cfg, device)
+    reference = ReferenceSet.of(e.reference)
+    size = int(cfg.image_size) if cfg.image_size is not None else _model_size(system)
+    limit = int(e.reference_count) if e.reference_count else None
+    crop = e.reference_crop == "centre"
+    key = reference.key(
+        size=size,
+        limit=limit,
+        crop=crop,
+        fid_size=fid_size,
+        resize=e.resize,
+        dims=int(e.feature_dim),
+        inception=inception.sha256,
+    )
+    cache = os.path.join(str(e.stats_dir), f"{key}.npz")
+    real = reference_features(
+        reference,
+        inception,
+        run.gather,
+        run.rank,
+        run.world,
+        size,
+        limit,
+        int(e.batch_size),
+        cache,
+        crop,
+    )
+    _check_counts(cfg, len(real), int(e.num_images) if stage2 else len(real))
+    started = time.time()
+    record = _record(cfg, inception, clip, reference, len(real), size)
+    record["world_size"] = run.world
+    if stage2:
+        record["results"] = _generate_all(cfg, run, system, inception, clip, prompts, real, size)
+    else:
+        record["results"] = [_reconstruct(cfg, run, inception, reference, real, size, crop)]
+    record["seconds"] = round(time.time() - started, 1)
+    if run.rank == 0:
+        _write(cfg, record)
+    return record["results"][-1]
+
+
+class Run:
+    """The ranks of an evaluation, through Lightning Fabric."""
+
+    def __init__(self, fabric) -> None:
+        self.fabric, self.rank, self.world = fabric, fabric.global_rank, fabric.world_size
+
+    def gather(self, rows: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        device = self.fabric.device
+        found, keys = gather.gather_rows(
+            self.fabric.all_gather, rows.to(device), keys.to(device), self.world
+        )
+        return found.cpu(), keys.cpu()
+
+
+def _fabric(cfg: DictConfig):
+    from lightning.fabric import Fabric
+
+    trainer = cfg.trainer
+    return Fabric(
+        accelerator=trainer.get("accelerator", "auto"),
+        devices=trainer.get("devices", "auto"),
+        num_nodes=int(trainer.get("num_nodes", 1)),
+        strategy="auto",
+        precision="32-true",  # metric networks in float32; generation casts itself
+    )
+
+
+def _open_system(cfg: DictConfig, device: torch.device):
+    from sd_lightning.commands.sample import open_for_sampling
+
+    return open_for_sampling(cfg, device)
+
+
+def _model_size(opened) -> int:
+    if opened is None:
+        raise InputError("image_size is not set: give the size the VAE is evaluated at, e.g. 256")
+    return int(opened[0]._image_size())
+
+
+def _check_counts(cfg: DictConfig, reference: int, generated: int) -> None:
+    e = cfg.eval
+    if reference < generated:
+        raise InputError(
+            f"eval.reference={e.reference!r} has {reference} usable images and "
+            f"eval.num_images={generated}: give a reference set at least as large, or fewer images"
+        )
+    dims = int(e.feature_dim)
+    if min(reference, generated) < dims and not e.allow_few:
+        raise InputError(
+            f"FID with {dims}-d features needs at least {dims} images in each set and "
+            f"{min(reference, generated)} are given: use more (papers: 10k-50k), or "
+            "eval.allow_few=true for a trend of small sets (not comparable with papers), or "
+            "a smaller eval.feature_dim (64, 192, 768)"
+        )
+
+
+def _record(cfg, inception, clip, reference, count, size) -> dict[str, Any]:
+    e = cfg.eval
+    model = str(cfg.ckpt if cfg.get("ckpt") is not None else cfg.vae_ckpt)
+    record: dict[str, Any] = {
+        "checkpoint": model,
+        "checkpoint_sha256": sha256(model) if os.path.isfile(model) else None,
+        "stage": "ldm" if clip is not None else "vae",
+        "protocol": {
+            "name": e.get("name"),
+            "num_images": int(e.num_images) if clip is not None else count,
+            "image_size": size,
+            "reference": str(reference.source),
+            "reference_count": count,
+            "reference_transform": (
+                "centre crop to a square, " if e.reference_crop == "centre" else "whole image, "
+            )
+            + f"PIL bicubic to {size} px",
+            "fid_size": inception.size,
+            "resize": e.resize,
+            "feature_dim": int(e.feature_dim),
+            "kid": {"subsets": int(e.kid_subsets), "subset_size": int(e.kid_subset_size)},
+        },
+        "weights": {"inception": {"file": str(e.inception), "sha256": inception.sha256}},
+    }
+    if clip is not None:
+        record["weights"]["clip"] = {
+            "model": clip.name,
+            "pretrained": str(clip.tag),
+            "sha256": clip.sha256,
+        }
+        record.update(
+            sampler=cfg.sampler,
+            steps=int(cfg.steps),
+            seed=int(cfg.seed),
+            prompts=str(e.prompts),
+            prompt_seed=e.prompt_seed,
+            use_ema=bool(cfg.use_ema),
+            negative_prompt=cfg.negative_prompt,
+        )
+    return record
+
+
+# -- stage 2: generate, per guidance value ---------------------------------------------------------
+def _generate_all(cfg, run, opened, inception, clip, prompts, real, size) -> list[dict[str, Any]]:
+    e = cfg.eval
+    system, dtype = opened
+    real_stats = frechet.Stats.of(real)
+    results = []
+    for g in [float(v) for v in e.guidance]:
+        part = _part_path(cfg, prompts, inception, clip, size, g)
+        if os.path.isfile(part):
+            with np.load(part) as stored:
+                features, cosines = stored["features"], stored["cosines"]
+            log.info("guidance %g: evaluated before (%s), not generated again", g, part)
+        else:
+            features, cosines, grid = _generate(
+                cfg, run, system, dtype, inception, clip, prompts, g, size
+            )
+            if run.rank == 0:
+                _save_part(part, features, cosines)
+                os.makedirs(os.path.join(cfg.paths.output_dir, "grids"), exist_ok=True)
+                save_png(grid, os.path.join(cfg.paths.output_dir, "grids", f"guidance_{g:g}.png"))
+        results.append(
+            measure.scores(
+                g,
+                features,
+                cosines,
+                real,
+                real_stats,
+                int(e.kid_subsets),
+                int(e.kid_subset_size),
+                seed=int(cfg.seed),
+            )
+        )
+        if run.rank == 0:
+            log.info("guidance %g: %s", g, _line(results[-1]))
+    return results
+
+
+def _generate(cfg, run, system, dtype, inception, clip, prompts, g, size):
+    e = cfg.eval
+    device = run.fabric.device
+    low = device.type == "cuda" or dtype == torch.bfloat16
+
+    def generate(captions: list[str], seeds: list[int]) -> torch.Tensor:
+        stopping.check("generating images for eval")
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=low):
+            return system.sample_images(
+                captions,
+                seeds=seeds,
+                image_size=size,
+                sampler=cfg.sampler,
+                steps=int(cfg.steps),
+                guidance=g,
+                negative_prompt=cfg.negative_prompt,
+                spacing=cfg.get("spacing"),
+                batch_size=len(captions),
+            )
+
+    mine = measure.padded_share(len(prompts), run.rank, run.world)
+    rows, keys, shown = measure.measure(
+        generate,
+        inception,
+        clip,
+        prompts,
+        mine,
+        int(cfg.seed),
+        int(e.batch_size),
+        keep=int(e.grid_images),
+    )
+    if not len(rows):
+        rows = torch.zeros((0, inception.dims + 1))
+    found, _ = run.gather(rows, keys)
+    grid_rows = torch.stack([im.float().flatten() for _, im in shown]) if shown else None
+    if grid_rows is None:
+        grid_rows = torch.zeros((0, 3 * size * size))
+    grid_images, _ = run.gather(grid_rows, torch.tensor([i for i, _ in shown], dtype=torch.long))
+    grid = sample_grid(grid_images.view(-1, 3, size, size) / 127.5 - 1)
+    found = found.numpy()
+    return found[:, :-1].astype(np.float32), found[:, -1].astype(np.float64), grid
+
+
+def _part_path(cfg, prompts, inception, clip, size, g) -> str:
+    """Where the gathered features of guidance ``g`` are kept, named by all that made them."""
+    ckpt = str(cfg.ckpt)
+    stat = os.stat(ckpt) if os.path.exists(ckpt) else None
+    settings = {
+        "ckpt": os.path.abspath(ckpt),
+        "mtime": stat.st_mtime_ns if stat else None,
+        "sampler": cfg.sampler,
+        "steps": int(cfg.steps),
+        "seed": int(cfg.seed),
+        "size": size,
+        "guidance": g,
+        "negative": str(cfg.negative_prompt),
+        "use_ema": bool(cfg.use_ema),
+        "lora": OmegaConf.to_container(cfg.lora) if cfg.get("lora") else None,
+        "dims": inception.dims,
+        "resize": inception.resize,
+        "inception": inception.sha256,
+        "fid_size": inception.size,
+        "clip": clip.sha256,
+        "prompts": hashlib.sha256(json.dumps(prompts).encode()).hexdigest(),
+    }
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    return os.path.join(cfg.paths.output_dir, "parts", f"guidance_{g:g}_{key}.npz")
+
+
+def _save_part(path: str, features: np.ndarray, cosines: np.ndarray) -> None:
+    from sd_lightning.core.atomic import beside
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    part = beside(path, "part") + ".npz"
+    np.savez(part, features=features, cosines=cosines)
+    os.replace(part, path)
+
+
+# -- stage 1: reconstruct the reference set --------------------------------------------------------
+def _reconstruct(cfg, run, inception, reference, real, size, crop) -> dict[str, Any]:
+    from collections import Counter
+
+    from torchmetrics.functional.image import structural_similarity_index_measure as ssim
+
+    from sd_lightning.commands.open import load_vae
+    from sd_lightning.losses.perceptual import build_lpips
+
+    e, device = cfg.eval, run.fabric.device
+    vae = load_vae(cfg.vae_ckpt).to(device)
+    lpips = build_lpips(e.lpips.trunk, e.lpips.weights_path).to(device)
+    rows, keys, skipped = [], [], Counter()
+    for batch_keys, images, _ in batches(
+        reference.images(size, run.rank, run.world, skipped, crop), int(e.batch_size)
+    ):
+        stopping.check("reconstructing images for eval")
+        x = images.to(device).float() / 127.5 - 1
+        with torch.no_grad():
+            recon = to_uint8(vae.decode(vae.encode(x).mode()).float())
+        a, b = images.to(device).float() / 255, recon.to(device).float() / 255
+        mse = ((a - b) ** 2).flatten(1).mean(1).clamp(min=1e-10)
+        with torch.no_grad():
+            perceptual = lpips(b * 2 - 1, a * 2 - 1).flatten()
+        per_image = [
+            inception(recon).cpu(),
+            (10 * torch.log10(1 / mse)).cpu()[:, None],
+            ssim(b, a, data_range=1.0, reduction="none").cpu()[:, None],
+            perceptual.cpu()[:, None],
+        ]
+        rows.append(torch.cat(per_image, dim=1))
+        keys += batch_keys
+    found, _ = run.gather(torch.cat(rows), torch.tensor(keys, dtype=torch.long))
+    found = found.numpy()[: len(real)]
+    fakes = found[:, : inception.dims]
+    return {
+        "rfid": frechet.frechet_distance(frechet.Stats.of(fakes), frechet.Stats.of(real)),
+        "psnr": float(found[:, -3].mean()),
+        "ssim": float(found[:, -2].mean()),
+        "lpips": float(found[:, -1].mean()),
+        "images": len(found),
+    }
+
+
+# -- what a person reads ---------------------------------------------------------------------------
+def _line(result: dict[str, Any]) -> str:
+    shown = {k: v for k, v in result.items() if k not in ("guidance", "kid_std", "images")}
+    return ", ".join(f"{k} {v:.4g}" for k, v in shown.items())
+
+
+def _write(cfg: DictConfig, record: dict[str, Any]) -> None:
+    out = cfg.paths.output_dir
+    os.makedirs(out, exist_ok=True)
+    path = report.write_json(os.path.join(out, "eval.json"), record)
+    report.write_markdown(os.path.join(out, "eval.md"), record)
+    if record["stage"] == "ldm":
+        report.write_plot(os.path.join(out, "eval.png"), record["results"], record["checkpoint"])
+    print(report.table(record["results"]), end="")
+    print(path)
+    _log_metrics(cfg, record)
+    log.info("evaluation of %s: %s (%.0f s)", record["checkpoint"], path, record["seconds"])
+
+
+def _log_metrics(cfg: DictConfig, record: dict[str, Any]) -> None:
+    """The results to the run's loggers (CSV, wandb...): one row per guidance value."""
+    from sd_lightning.commands.train import instantiate_group
+
+    loggers = instantiate_group(cfg.get("logger"))
+    for step, result in enumerate(record["results"]):
+        metrics = {f"eval/{k}": float(v) for k, v in result.items()}
+        for logger in loggers:
+            logger.log_metrics(metrics, step=step)
+    for logger in loggers:
+        logger.log_hyperparams({k: v for k, v in record.items() if k != "results"})
+        logger.finalize("success")
