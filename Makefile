@@ -59,7 +59,7 @@ bench-data: $(STAMP) ## data-loading and stage-2 step benchmark -> docs/benchmar
 # The GPU machine (the device tool) has torch, lightning, torchvision, torchmetrics, transformers,
 # peft, safetensors, pytest and pytest-xdist, and no registry: the rest travels as wheels in .whl/.
 WHEEL_DIR  := .whl
-GPU_PKGS   := hydra-core omegaconf lpips open_clip_torch ftfy wcwidth webdataset braceexpand diffusers
+GPU_PKGS   := hydra-core omegaconf lpips open_clip_torch ftfy wcwidth webdataset braceexpand diffusers torch-fidelity
 GPU_PINNED := importlib_metadata==8.7.0
 GPU_SITE   ?= /tmp/sd_lightning-site
 

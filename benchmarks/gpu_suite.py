@@ -12,7 +12,8 @@ overhead on the stage-2 step), ``vae_step`` (stage 1 at SD size), ``sampling`` (
 against diffusers' pipeline), ``lora_step`` (a LoRA step against a full fine-tuning step),
 ``sdxl_step`` (SDXL at 1024 px against diffusers, the largest batch, the memory of each way to
 fit a card: LoRA rank 32, full fine-tuning with checkpointing, Adafactor, 8-bit AdamW, the step
-in backward). Each part leaves ``<results>/<part>.json``; the markdown
+in backward), ``eval_speed`` (``stage=eval``'s generation, Inception features and CLIP score
+in images/s, against torchmetrics' FID update). Each part leaves ``<results>/<part>.json``; the markdown
 (``docs/benchmarks/gpu.md``) is made from every JSON in the results folder, so a re-run of some
 parts keeps the others' figures. With ``$OUT`` set (the device tool), the markdown, the JSON and
 the logs are copied there too.
@@ -71,6 +72,10 @@ def parts() -> dict[str, Part]:
         "benchmarks/sdxl_step.py --device cpu --unet sdxl_tiny --px 64 --batch 2 "
         "--compare-batch 2 --steps 1 --ways 0,2,6"
     )
+    eval_tiny = (
+        "benchmarks/eval_speed.py --unet tiny --vae tiny --px 64 --steps 2 --batch 4 "
+        "--clip ViT-B-32 --rounds 1 --device cpu"
+    )
     return {
         "tests": Part(
             "GPU tests: both stages from the CLI (`pytest -m gpu`)",
@@ -119,6 +124,13 @@ def parts() -> dict[str, Part]:
             timeout=420,
             needs=180,
             tiny_args=sdxl_tiny.split(),
+        ),
+        "eval_speed": Part(
+            "stage=eval at 512 px: generation, Inception features, CLIP score (images/s)",
+            ["benchmarks/eval_speed.py"],
+            timeout=150,
+            needs=60,
+            tiny_args=eval_tiny.split(),
         ),
     }
 
@@ -192,6 +204,7 @@ def _now() -> str:
 
 # -- markdown ------------------------------------------------------------------------------------
 def render(results: dict[str, dict[str, Any]], all_parts: dict[str, Part], notes: str = "") -> str:
+    from eval_speed import markdown as eval_markdown
     from lightning_steps import ldm_markdown, vae_markdown
     from lora_step import markdown as lora_markdown
     from sampling import markdown as sampling_markdown
@@ -205,6 +218,7 @@ def render(results: dict[str, dict[str, Any]], all_parts: dict[str, Part], notes
         "sampling": sampling_markdown,
         "lora_step": lora_markdown,
         "sdxl_step": sdxl_markdown,
+        "eval_speed": eval_markdown,
     }
     device = next((r["device"] for r in results.values() if r.get("device")), {})
     lines = [

@@ -53,11 +53,21 @@ def test_every_part_runs_and_the_markdown_has_its_figures(suite):
         "Sampling",
         "Fine-tuning",
         "SDXL at 1024 px",
+        "stage=eval at 512 px",
     )
     for title in titles:
         assert f"## {title}" in md
-    assert md.count("exit 0") == 6 and "Not run yet." in md  # the pytest -m gpu part: GPU only
-    for part in ("unet_step", "ldm_step", "vae_step", "sampling", "lora_step", "sdxl_step"):
+    assert md.count("exit 0") == 7 and "Not run yet." in md  # the pytest -m gpu part: GPU only
+    parts = (
+        "unet_step",
+        "ldm_step",
+        "vae_step",
+        "sampling",
+        "lora_step",
+        "sdxl_step",
+        "eval_speed",
+    )
+    for part in parts:
         result = _json(tmp, part)
         assert result["returncode"] == 0 and result["command"].startswith("python benchmarks/")
         assert result["command"] in md
@@ -107,3 +117,19 @@ def test_the_sdxl_part_compares_with_diffusers_and_measures_each_way_to_fit(suit
     assert all(r["s_per_step"] > 0 for r in ways.values())
     lora = ways["LoRA rank 32 (AdamW), checkpointing"]
     assert lora["trained_params"] < ways["AdamW"]["trained_params"] / 3
+
+
+def test_the_eval_part_measures_each_stage_against_torchmetrics(suite):
+    tmp, _ = suite
+    result = _json(tmp, "eval_speed")
+    rows = {name.split(" (")[0].split(":")[0]: rate for name, rate in result["rows"]}
+    assert set(rows) == {
+        "generation",
+        "Inception features",
+        "torchmetrics FID update",
+        "CLIP score",
+    }
+    assert len(result["rows"]) == 6 and all(rate > 0 for _, rate in result["rows"])
+    used = [rate for name, rate in result["rows"] if name.startswith(("generation", "CLIP"))]
+    used += [rate for name, rate in result["rows"] if name.startswith("Inception features (clean")]
+    assert len(used) == 3 and 0 < result["images_per_s"] < min(used)  # the three stage=eval runs

@@ -66,7 +66,9 @@ def test_logger_options_instantiate(cfg_factory, option, monkeypatch):
 
 @pytest.mark.parametrize("option", _options("callbacks"))
 def test_callback_options_instantiate(cfg_factory, option):
-    cfg = cfg_factory(f"callbacks={option}")
+    # callbacks=eval measures against eval.prompts and eval.reference (read when fit starts)
+    given = ["eval.prompts=captions.txt", "eval.reference=/data/real"] if option == "eval" else []
+    cfg = cfg_factory(f"callbacks={option}", *given)
     callbacks = [instantiate(node) for node in (cfg.callbacks or {}).values()]
     assert all(callbacks)
 

@@ -433,3 +433,53 @@ def test_coco_pick_is_mlperfs_and_the_folder_lists_as_the_captions(tmp_path):
     assert [int(p.stem.rsplit("_", 1)[1]) for p in listed] == list(df["image_id"])
     with Image.open(listed[0]) as first:
         assert first.size == (16, 16)
+
+
+# -- during training ------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_eval_callback_logs_at_its_steps_and_survives_preemption(
+    ldm_cfg_factory, eval_weights, real_set, tmp_path
+):
+    """callbacks=eval every 2 steps; a stop at step 2 skips that evaluation, the resumed run
+    makes it before its next step and goes on (2 and 4 logged once each, at their steps)."""
+    from conftest import read_metrics
+
+    from sd_lightning.commands.train import train
+
+    weights, folder = eval_weights
+    run = tmp_path / "run"
+    options = [
+        "callbacks=eval",
+        "callbacks.eval.every_n_steps=2",
+        "callbacks.eval.num_images=12",
+        "callbacks.eval.steps=2",
+        f"eval.prompts={real_set / 'captions.txt'}",
+        f"eval.reference={real_set / 'images'}",
+        f"eval.inception={weights}",
+        f"eval.clip.model=local-dir:{folder}",
+        "eval.feature_dim=64",
+        "eval.kid_subsets=5",
+        f"eval.stats_dir={tmp_path / 'stats'}",
+        "logger=csv",
+        "trainer.max_steps=4",
+    ]
+    signal = ["+callbacks.fault._target_=fault_injection.SignalAt", "+callbacks.fault.step=1"]
+    cfg = ldm_cfg_factory(*options, *signal)
+    cfg.paths.output_dir = str(run)
+    train(cfg)
+    assert sorted(os.listdir(run / "checkpoints")) == ["preempted-step00000002.ckpt"]
+    assert not any("eval/fid" in row and row["eval/fid"] for row in read_metrics(run))
+
+    cfg = ldm_cfg_factory(*options)
+    cfg.paths.output_dir = str(run)
+    train(cfg)
+    evaluated = [
+        (int(row["step"]), float(row["eval/fid"]))
+        for row in read_metrics(run)
+        if row.get("eval/fid")
+    ]
+    assert [step for step, _ in evaluated] == [2, 4]
+    assert all(np.isfinite(fid) and fid > 0 for _, fid in evaluated)
+    last = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    state = next(v for k, v in last["callbacks"].items() if k.startswith("Evaluation"))
+    assert state == {"last_step": 4}

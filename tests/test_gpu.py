@@ -5,6 +5,7 @@ test per pytest-xdist worker."""
 
 from __future__ import annotations
 
+import json
 import math
 import re
 
@@ -81,6 +82,31 @@ def test_tiny_stages_sampling_and_encoding_on_gpu(tmp_path):
     )
     _ok(out, "stage=sample")
     assert len(list(samples.glob("0*.png"))) == 2 and (samples / "grid.png").is_file()
+
+    # stage=eval on the GPU: bf16 generation, Inception and CLIP on the device (random weights)
+    shards = sorted(str(p) for p in (tmp_path / "data").glob("demo-*/train-*.tar"))
+    out = run_cli(
+        "stage=eval",
+        f"ckpt={ldm_run / 'checkpoints' / 'last.ckpt'}",
+        f"eval.prompts={shards[0]}",
+        f"eval.reference={'::'.join(shards)}",
+        "eval.num_images=16",
+        "eval.guidance=[1,3]",
+        "eval.feature_dim=64",
+        "eval.allow_few=true",
+        "eval.inception=random",
+        "eval.clip.model=ViT-B-32",
+        "eval.clip.pretrained=random",
+        "steps=4",
+        "trainer.accelerator=gpu",
+        "trainer.devices=1",
+        f"eval.stats_dir={tmp_path / 'stats'}",
+        f"hydra.run.dir={tmp_path / 'eval'}",
+    )
+    _ok(out, "stage=eval")
+    results = json.loads((tmp_path / "eval" / "eval.json").read_text())["results"]
+    assert [r["images"] for r in results] == [16, 16]
+    assert all(math.isfinite(r["fid"]) and math.isfinite(r["clip_cosine"]) for r in results)
 
     latents = tmp_path / "latents"
     out = run_cli(

@@ -153,3 +153,35 @@ def test_slurm_sweep_through_submitit_launcher(slurm, tmp_path, data_dir, vae_ck
     assert lrs == [1e-3, 2e-3]
     logs = "".join(p.read_text() for p in (sweep / ".submitit").rglob("*.out"))
     assert "SLURM_JOB_ID" in logs or "submitit INFO" in logs
+
+
+def test_slurm_eval_two_nodes(slurm, tmp_path, data_dir, ldm_ckpt):
+    """slurm/eval.sbatch: stage=eval over two nodes, ranks from SLURM, one eval.json."""
+    import json
+
+    from eval_fixtures import clip_folder
+
+    shards = sorted(str(p) for p in data_dir.glob("demo-*/train-*.tar"))
+    job = _submit(
+        slurm,
+        tmp_path,
+        "eval.sbatch",
+        f"ckpt={ldm_ckpt}",
+        f"eval.prompts={shards[0]}",
+        f"eval.reference={'::'.join(shards)}",
+        "eval.num_images=15",
+        "eval.guidance=[2]",
+        "eval.feature_dim=64",
+        "eval.allow_few=true",
+        "eval.inception=random",
+        f"eval.clip.model=local-dir:{clip_folder(tmp_path / 'clip')}",
+        f"eval.stats_dir={tmp_path / 'stats'}",
+        "steps=2",
+        "trainer.accelerator=cpu",
+    )
+    state = slurm.wait(job, timeout=400)
+    out = _output(tmp_path, job)
+    assert state == "COMPLETED", out + slurm.logs()
+    assert "2 nodes x 1 tasks" in out
+    record = json.loads((tmp_path / f"sd-eval-{job}" / "eval.json").read_text())
+    assert record["world_size"] == 2 and record["results"][0]["images"] == 15

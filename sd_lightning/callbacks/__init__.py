@@ -1,6 +1,7 @@
-"""Callbacks for running on clusters: preemption and non-finite steps."""
+"""Callbacks for running on clusters: preemption, non-finite steps, evaluation during training."""
 
+from sd_lightning.callbacks.evaluation import Evaluation
 from sd_lightning.callbacks.nonfinite import NonFiniteGuard
 from sd_lightning.callbacks.preemption import Preemption
 
-__all__ = ["NonFiniteGuard", "Preemption"]
+__all__ = ["Evaluation", "NonFiniteGuard", "Preemption"]

@@ -30,16 +30,17 @@ from typing import Any
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
 
 from sd_lightning.commands.eval_checks import check_eval
 from sd_lightning.core import stopping
 from sd_lightning.core.errors import InputError
-from sd_lightning.data.images import save_png, to_uint8
+from sd_lightning.data.images import save_png
 from sd_lightning.evaluation import frechet, gather, measure, report
 from sd_lightning.evaluation.clip_score import ClipScorer
 from sd_lightning.evaluation.inception import InceptionFeatures, sha256, weights_path
 from sd_lightning.evaluation.prompts import read_prompts
-from sd_lightning.evaluation.reference import ReferenceSet, batches, reference_features
+from sd_lightning.evaluation.reference import ReferenceSet, reference_features
 from sd_lightning.systems.sampling import sample_grid
 
 log = logging.getLogger(__name__)
@@ -49,9 +50,15 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     check_eval(cfg)
     fabric = _fabric(cfg)
     fabric.launch()
+    with stopping.handling():  # a signal: the guidance values finished stay in parts/
+        return _evaluate(cfg, fabric)
+
+
+def _evaluate(cfg: DictConfig, fabric) -> dict[str, Any]:
     e, device = cfg.eval, fabric.device
     run = Run(fabric)
-    fid_size = int(e.fid_size) if e.get("fid_size") else None
+    stage2 = cfg.get("ckpt") is not None
+    fid_size = int(e.fid_size) if e.get("fid_size") and stage2 else None  # stage 1: image_size
     inception = InceptionFeatures(
         weights_path(e.inception), int(e.feature_dim), e.resize, fid_size
     ).to(device)
@@ -75,17 +82,18 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         inception=inception.sha256,
     )
     cache = os.path.join(str(e.stats_dir), f"{key}.npz")
-    real = reference_features(
+    real = reference_features(  # read at the FID size where one is set (GigaGAN: Lanczos)
         reference,
         inception,
         run.gather,
         run.rank,
         run.world,
-        size,
+        fid_size or size,
         limit,
         int(e.batch_size),
         cache,
         crop,
+        lanczos=fid_size is not None,
     )
     _check_counts(cfg, len(real), int(e.num_images) if stage2 else len(real))
     started = time.time()
@@ -173,7 +181,8 @@ def _record(cfg, inception, clip, reference, count, size) -> dict[str, Any]:
             "reference_transform": (
                 "centre crop to a square, " if e.reference_crop == "centre" else "whole image, "
             )
-            + f"PIL bicubic to {size} px",
+            + (f"PIL Lanczos to {inception.size}" if inception.size else f"PIL bicubic to {size}")
+            + " px",
             "fid_size": inception.size,
             "resize": e.resize,
             "feature_dim": int(e.feature_dim),
@@ -241,10 +250,20 @@ def _generate(cfg, run, system, dtype, inception, clip, prompts, g, size):
     device = run.fabric.device
     low = device.type == "cuda" or dtype == torch.bfloat16
 
+    mine = measure.padded_share(len(prompts), run.rank, run.world)
+    bar = tqdm(
+        total=len(mine),
+        desc=f"guidance {g:g}",
+        unit="image",
+        disable=run.rank != 0,
+        leave=False,
+        dynamic_ncols=True,
+    )
+
     def generate(captions: list[str], seeds: list[int]) -> torch.Tensor:
         stopping.check("generating images for eval")
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=low):
-            return system.sample_images(
+            images = system.sample_images(
                 captions,
                 seeds=seeds,
                 image_size=size,
@@ -255,8 +274,9 @@ def _generate(cfg, run, system, dtype, inception, clip, prompts, g, size):
                 spacing=cfg.get("spacing"),
                 batch_size=len(captions),
             )
+        bar.update(len(captions))
+        return images
 
-    mine = measure.padded_share(len(prompts), run.rank, run.world)
     rows, keys, shown = measure.measure(
         generate,
         inception,
@@ -267,6 +287,7 @@ def _generate(cfg, run, system, dtype, inception, clip, prompts, g, size):
         int(e.batch_size),
         keep=int(e.grid_images),
     )
+    bar.close()
     if not len(rows):
         rows = torch.zeros((0, inception.dims + 1))
     found, _ = run.gather(rows, keys)
@@ -318,44 +339,17 @@ def _save_part(path: str, features: np.ndarray, cosines: np.ndarray) -> None:
 def _reconstruct(cfg, run, inception, reference, real, size, crop) -> dict[str, Any]:
     from collections import Counter
 
-    from torchmetrics.functional.image import structural_similarity_index_measure as ssim
-
     from sd_lightning.commands.open import load_vae
+    from sd_lightning.evaluation.reconstruction import reconstruction_scores
     from sd_lightning.losses.perceptual import build_lpips
 
     e, device = cfg.eval, run.fabric.device
     vae = load_vae(cfg.vae_ckpt).to(device)
     lpips = build_lpips(e.lpips.trunk, e.lpips.weights_path).to(device)
-    rows, keys, skipped = [], [], Counter()
-    for batch_keys, images, _ in batches(
-        reference.images(size, run.rank, run.world, skipped, crop), int(e.batch_size)
-    ):
-        stopping.check("reconstructing images for eval")
-        x = images.to(device).float() / 127.5 - 1
-        with torch.no_grad():
-            recon = to_uint8(vae.decode(vae.encode(x).mode()).float())
-        a, b = images.to(device).float() / 255, recon.to(device).float() / 255
-        mse = ((a - b) ** 2).flatten(1).mean(1).clamp(min=1e-10)
-        with torch.no_grad():
-            perceptual = lpips(b * 2 - 1, a * 2 - 1).flatten()
-        per_image = [
-            inception(recon).cpu(),
-            (10 * torch.log10(1 / mse)).cpu()[:, None],
-            ssim(b, a, data_range=1.0, reduction="none").cpu()[:, None],
-            perceptual.cpu()[:, None],
-        ]
-        rows.append(torch.cat(per_image, dim=1))
-        keys += batch_keys
-    found, _ = run.gather(torch.cat(rows), torch.tensor(keys, dtype=torch.long))
-    found = found.numpy()[: len(real)]
-    fakes = found[:, : inception.dims]
-    return {
-        "rfid": frechet.frechet_distance(frechet.Stats.of(fakes), frechet.Stats.of(real)),
-        "psnr": float(found[:, -3].mean()),
-        "ssim": float(found[:, -2].mean()),
-        "lpips": float(found[:, -1].mean()),
-        "images": len(found),
-    }
+    items = reference.images(size, run.rank, run.world, Counter(), crop)
+    return reconstruction_scores(
+        vae, lpips, inception, items, real, run.gather, int(e.batch_size), device
+    )
 
 
 # -- what a person reads ---------------------------------------------------------------------------
@@ -378,14 +372,25 @@ def _write(cfg: DictConfig, record: dict[str, Any]) -> None:
 
 
 def _log_metrics(cfg: DictConfig, record: dict[str, Any]) -> None:
-    """The results to the run's loggers (CSV, wandb...): one row per guidance value."""
+    """The results to the run's loggers (CSV, wandb...): one row per guidance value; the plot
+    and the grids to those that take images."""
+    from lightning.pytorch.loggers import WandbLogger
+
     from sd_lightning.commands.train import instantiate_group
 
     loggers = instantiate_group(cfg.get("logger"))
+    out = cfg.paths.output_dir
     for step, result in enumerate(record["results"]):
         metrics = {f"eval/{k}": float(v) for k, v in result.items()}
         for logger in loggers:
             logger.log_metrics(metrics, step=step)
     for logger in loggers:
         logger.log_hyperparams({k: v for k, v in record.items() if k != "results"})
+        if isinstance(logger, WandbLogger) and record["stage"] == "ldm":
+            logger.log_image("eval/fid_vs_clip", [os.path.join(out, "eval.png")])
+            folder = os.path.join(out, "grids")
+            grids = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+            if grids:
+                paths = [os.path.join(folder, g) for g in grids]
+                logger.log_image("eval/samples", paths, caption=grids)
         logger.finalize("success")

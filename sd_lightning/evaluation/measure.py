@@ -6,6 +6,7 @@ system's sampler with a guidance value bound); image ``i`` gets caption ``prompt
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -15,10 +16,12 @@ import torch
 from sd_lightning.evaluation import frechet
 from sd_lightning.evaluation.clip_score import torchmetrics_scale
 
+log = logging.getLogger(__name__)
 PAD = -1  # an index that pads a rank's share: generated (ranks stay in step), never counted
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] images as uint8 on their own device (the features are made there)."""
     return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
@@ -35,15 +38,26 @@ def measure(
 ) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, torch.Tensor]]] | None:
     """Rows ``[Inception features | CLIP cosine]`` of the images of ``indices`` (``PAD``s
     generated and dropped), their indices, and the uint8 images of indices below ``keep`` (for
-    grids). ``stop()`` is asked before each batch; ``None`` when it says yes."""
+    grids). ``stop()`` is asked before each batch; ``None`` when it says yes. Out of GPU memory,
+    the batch is halved and tried again (``stage=eval``: batches as large as fit)."""
     rows, kept, shown = [], [], []
-    for start in range(0, len(indices), batch_size):
+    start = 0
+    while start < len(indices):
         if stop is not None and stop():
             return None
         index = list(indices[start : start + batch_size])
         real = [i if i != PAD else 0 for i in index]
         captions = [prompts[i] for i in real]
-        images = to_uint8(generate(captions, [seed + i for i in real]))
+        try:
+            images = to_uint8(generate(captions, [seed + i for i in real]))
+        except torch.cuda.OutOfMemoryError:
+            if batch_size == 1 or stop is not None:  # ranks of a sharded U-Net stay in step
+                raise
+            batch_size //= 2
+            torch.cuda.empty_cache()
+            log.warning("eval: out of GPU memory; generating %d images at a time", batch_size)
+            continue
+        start += len(index)
         mine = [j for j, i in enumerate(index) if i != PAD]
         images, captions = images[mine], [captions[j] for j in mine]
         if not mine:

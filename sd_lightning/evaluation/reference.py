@@ -71,11 +71,18 @@ class ReferenceSet:
         return digest.hexdigest()[:20]
 
     def images(
-        self, size: int, rank: int, world: int, skipped: Counter, crop: bool = True
+        self,
+        size: int,
+        rank: int,
+        world: int,
+        skipped: Counter,
+        crop: bool = True,
+        lanczos: bool = False,
     ) -> Iterator[tuple[int, torch.Tensor, str]]:
         """(key, uint8 3 x size x size image, caption or "") of this rank's share: every
         ``world``-th shard, or file, from ``rank``; unreadable images counted in ``skipped``.
-        ``crop``: the centred square (else the whole image squashed, as MLPerf's COCO set)."""
+        ``crop``: the centred square (else the whole image squashed, as MLPerf's COCO set);
+        ``lanczos``: resized with Lanczos (GigaGAN's protocol) instead of bicubic."""
         from PIL import Image
 
         if not self.shards:
@@ -83,7 +90,7 @@ class ReferenceSet:
                 stopping.check(f"reading {OPTION}")
                 try:
                     with Image.open(self.units[i]) as image:
-                        yield i, square(image, size, crop), ""
+                        yield i, square(image, size, crop, lanczos), ""
                 except Exception as e:  # noqa: BLE001 - any unreadable image is counted
                     _skip(skipped, self.units[i], e)
             return
@@ -97,7 +104,7 @@ class ReferenceSet:
                 try:
                     caption = caption_of(sample) if name else ""
                     with Image.open(io.BytesIO(sample[name])) as image:
-                        yield s * SHARD_STRIDE + pos, square(image, size, crop), caption
+                        yield s * SHARD_STRIDE + pos, square(image, size, crop, lanczos), caption
                 except Exception as e:  # noqa: BLE001 - no image, or an unreadable one
                     _skip(skipped, f"{sample.get('__key__')} in {self.units[s]}", e)
 
@@ -108,9 +115,9 @@ def _skip(skipped: Counter, what: str, error: BaseException) -> None:
         log.warning("skipping unreadable reference image %s: %r", what, error)
 
 
-def square(image, size: int, crop: bool = True) -> torch.Tensor:
-    """The image as RGB, centre-cropped to a square (``crop``), resized (PIL bicubic) to
-    ``size`` x ``size``: uint8 CHW."""
+def square(image, size: int, crop: bool = True, lanczos: bool = False) -> torch.Tensor:
+    """The image as RGB, centre-cropped to a square (``crop``), resized (PIL bicubic, or
+    Lanczos) to ``size`` x ``size``: uint8 CHW."""
     from PIL import Image, ImageOps
 
     from sd_lightning.data.images import to_rgb
@@ -121,7 +128,7 @@ def square(image, size: int, crop: bool = True) -> torch.Tensor:
         left, top = (image.width - side) // 2, (image.height - side) // 2
         image = image.crop((left, top, left + side, top + side))
     if image.size != (size, size):
-        image = image.resize((size, size), resample=Image.BICUBIC)
+        image = image.resize((size, size), resample=Image.LANCZOS if lanczos else Image.BICUBIC)
     return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
 
 
@@ -152,6 +159,7 @@ def reference_features(
     batch_size: int,
     cache: str,
     crop: bool = True,
+    lanczos: bool = False,
 ) -> np.ndarray:
     """The features (float32, N x dims) of the first ``limit`` reference images (all: None),
     read from ``cache`` if there, else computed over the ranks and written there by rank 0."""
@@ -162,7 +170,7 @@ def reference_features(
     skipped: Counter = Counter()
     keys, rows = [], []
     for batch_keys, images, _ in batches(
-        reference.images(size, rank, world, skipped, crop), batch_size
+        reference.images(size, rank, world, skipped, crop, lanczos), batch_size
     ):
         rows.append(features(images).cpu())
         keys.extend(batch_keys)

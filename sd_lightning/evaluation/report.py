@@ -103,7 +103,7 @@ def write_plot(path: str, results: list[dict[str, Any]], title: str) -> str:
     ax.plot(x, y, "o-", color="tab:blue")
     for r in results:
         ax.annotate(
-            f"{r['guidance']:g}",
+            f"cfg {r['guidance']:g}",
             (r["clip_score"], r["fid"]),
             textcoords="offset points",
             xytext=(4, 4),
