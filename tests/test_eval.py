@@ -201,7 +201,7 @@ def test_eval_of_a_checkpoint_on_one_and_two_ranks(demo_model, eval_weights, rea
     for result in record["results"]:
         assert result["images"] == 67
         assert result["fid"] > 0 and np.isfinite(result["kid"])
-        assert result["clip_score"] >= max(100 * result["clip_cosine"], 0)  # mean of clamped
+        assert result["clip_score"] == pytest.approx(max(100 * result["clip_cosine"], 0))
     assert record["results"][0]["fid"] != record["results"][1]["fid"]  # guidance changes images
     assert record["checkpoint_sha256"] == _sha256(demo_model.ckpt)
     protocol = record["protocol"]
@@ -234,11 +234,13 @@ def test_eval_of_a_checkpoint_on_one_and_two_ranks(demo_model, eval_weights, rea
     # two ranks, their own reference cache: the reference features are split over the ranks too
     stats_two = f"eval.stats_dir={tmp_path / 'stats_two'}"
     split = run_cli(
-        *eval_args(weights, folder, two, *common, stats_two, "trainer.devices=2"), timeout=600
+        *eval_args(weights, folder, two, *common, stats_two, "trainer.devices=2"),
+        "eval.grid_images=0",
+        timeout=600,
     )
     assert split.returncode == 0, split.stderr[-3000:]
     record_two = json.loads((two / "eval.json").read_text())
-    assert record_two["world_size"] == 2
+    assert record_two["world_size"] == 2 and not (two / "grids").exists()  # grid_images=0
     for a, b in zip(record["results"], record_two["results"]):
         assert b["images"] == a["images"]
         for key in ("fid", "kid", "clip_score", "clip_cosine"):
@@ -356,11 +358,13 @@ def test_eval_refuses_bad_input_before_generating(bad_case, eval_weights, tmp_pa
         f"vae_ckpt={vae_ckpt}": "evaluates one model.*both are given",
         f"ckpt={vae_ckpt}": "stage",
         "eval.resize=bilinear": "eval.resize='bilinear': choose clean, legacy_tensorflow",
+        "eval.guidance=[2,2]": "given twice",
+        f"eval.clip.model=ViT-B-32 eval.clip.pretrained={eval_weights[0]}": "quick_gelu=true",
     }
     import re
 
     for override, message in cases.items():
-        text = bad_case(override)
+        text = bad_case(*override.split(" "))
         assert re.search(message, text, re.S), (override, text)
 
 
@@ -413,26 +417,16 @@ def test_coco_pick_is_mlperfs_and_the_folder_lists_as_the_captions(tmp_path):
         Image.new("RGB", (30, 20), (image_id, 0, 0)).save(images / coco.image_name(image_id))
     (tmp_path / "captions.json").write_text(json.dumps({"annotations": annotations}))
     out = tmp_path / "30k"
-    coco.main(
-        [
-            "--annotations",
-            str(tmp_path / "captions.json"),
-            "--images",
-            str(images),
-            "--out",
-            str(out),
-            "--count",
-            "40",
-            "--squash",
-            "16",
-        ]
-    )
+    source = ["--annotations", str(tmp_path / "captions.json"), "--images", str(images)]
+    coco.main([*source, "--out", str(out), "--count", "40", "--squash", "16"])
     assert (out / "captions.txt").read_text().splitlines() == list(df["caption"])
     assert [int(i) for i in (out / "image_ids.txt").read_text().split()] == list(df["image_id"])
     listed = sorted((out / "images").iterdir())
     assert [int(p.stem.rsplit("_", 1)[1]) for p in listed] == list(df["image_id"])
     with Image.open(listed[0]) as first:
         assert first.size == (16, 16)
+    with pytest.raises(SystemExit, match="is not empty"):  # old images would join the set
+        coco.main([*source, "--out", str(out), "--count", "10"])
 
 
 # -- during training ------------------------------------------------------------------------------
@@ -483,3 +477,37 @@ def test_eval_callback_logs_at_its_steps_and_survives_preemption(
     last = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     state = next(v for k, v in last["callbacks"].items() if k.startswith("Evaluation"))
     assert state == {"last_step": 4}
+
+
+def test_prompts_keep_a_caption_whole_whatever_it_holds(tmp_path):
+    """Only a newline ends a caption (MLPerf strips newlines only): a carriage return or a
+    Unicode line separator inside one does not shift the captions after it."""
+    from sd_lightning.evaluation.prompts import read_prompts
+
+    path = tmp_path / "captions.txt"
+    path.write_bytes("a cat\r\na dog\u2028on a mat\na bird \x0c sings\r\n".encode())
+    assert read_prompts(str(path), 3) == ["a cat", "a dog\u2028on a mat", "a bird \x0c sings"]
+
+
+def test_clip_weights_from_a_file_run_with_the_activation_given(tmp_path):
+    """A weights file does not record QuickGELU: eval.clip.quick_gelu decides, and eval.json
+    says which ran (an OpenAI tower with GELU would score wrong without a word)."""
+    import open_clip
+    from eval_fixtures import TINY_CLIP
+    from safetensors.torch import save_file
+
+    from sd_lightning.evaluation.clip_score import ClipScorer
+
+    config = {k: v for k, v in TINY_CLIP["model_cfg"].items() if k != "quick_gelu"}
+    (tmp_path / "TinyCLIP-file-test.json").write_text(json.dumps(config))
+    open_clip.add_model_config(str(tmp_path / "TinyCLIP-file-test.json"))
+    weights = tmp_path / "open_clip_model.safetensors"
+    state = open_clip.create_model("TinyCLIP-file-test").state_dict()
+    save_file({k: v.contiguous() for k, v in state.items()}, str(weights))
+    images, captions = shapes(3, 48, seed=8)
+    scores = {}
+    for quick in (True, False):
+        scorer = ClipScorer("TinyCLIP-file-test", str(weights), quick_gelu=quick)
+        assert scorer.activation == ("quick_gelu" if quick else "gelu")
+        scores[quick] = scorer(uint8(images), captions)
+    assert not torch.allclose(scores[True], scores[False])

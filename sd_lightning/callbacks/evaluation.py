@@ -24,7 +24,7 @@ from sd_lightning.core import stopping
 from sd_lightning.core.errors import InputError
 from sd_lightning.evaluation import frechet, gather, measure
 from sd_lightning.evaluation.clip_score import ClipScorer
-from sd_lightning.evaluation.inception import InceptionFeatures, weights_path
+from sd_lightning.evaluation.inception import DIMS, RESIZES, InceptionFeatures, weights_path
 from sd_lightning.evaluation.prompts import read_prompts
 from sd_lightning.evaluation.reference import ReferenceSet, reference_features
 
@@ -59,6 +59,16 @@ class Evaluation(L.Callback):
             raise InputError(
                 "callbacks.eval needs eval.prompts (a captions file or shards) and eval.reference "
                 "(real images: shards or a folder)"
+            )
+        if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 2:
+            raise InputError(
+                f"callbacks.eval.num_images={num_images!r}: give 2 or more (FID-1k: 1000)"
+            )
+        if resize not in RESIZES:
+            raise InputError(f"eval.resize={resize!r}: choose {', '.join(RESIZES)}")
+        if feature_dim not in DIMS:
+            raise InputError(
+                f"eval.feature_dim={feature_dim!r}: choose {', '.join(map(str, DIMS))}"
             )
         if not isinstance(every_n_steps, int) or every_n_steps < 1:
             raise InputError(
@@ -121,6 +131,7 @@ class Evaluation(L.Callback):
             int(self.batch_size),
             os.path.join(str(self.stats_dir), f"{key}.npz"),
             self.crop,
+            agree=lambda answer: bool(trainer.strategy.broadcast(bool(answer), 0)),
         )
         if len(self.real) < self.num_images:
             raise InputError(
@@ -143,8 +154,8 @@ class Evaluation(L.Callback):
             self._evaluate(trainer, pl_module)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
-        step = trainer.global_step
-        if step % self.every or step == self.last_step or trainer.should_stop:
+        step = trainer.global_step  # 0 through a first accumulation of gradients: nothing to see
+        if step == 0 or step % self.every or step == self.last_step or trainer.should_stop:
             return
         self._evaluate(trainer, pl_module)
 
@@ -190,6 +201,7 @@ class Evaluation(L.Callback):
             self.seed,
             int(self.batch_size),
             stop=stop,
+            adaptive=False,  # a sharded U-Net needs every rank in every forward
         )
         if done is None:
             log.warning(

@@ -20,8 +20,6 @@ when a stopped run is started again.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import time
@@ -29,16 +27,17 @@ from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from tqdm import tqdm
 
+from sd_lightning.commands import eval_files as files
 from sd_lightning.commands.eval_checks import check_eval
 from sd_lightning.core import stopping
 from sd_lightning.core.errors import InputError
 from sd_lightning.data.images import save_png
-from sd_lightning.evaluation import frechet, gather, measure, report
+from sd_lightning.evaluation import frechet, gather, measure
 from sd_lightning.evaluation.clip_score import ClipScorer
-from sd_lightning.evaluation.inception import InceptionFeatures, sha256, weights_path
+from sd_lightning.evaluation.inception import InceptionFeatures, weights_path
 from sd_lightning.evaluation.prompts import read_prompts
 from sd_lightning.evaluation.reference import ReferenceSet, reference_features
 from sd_lightning.systems.sampling import sample_grid
@@ -62,14 +61,14 @@ def _evaluate(cfg: DictConfig, fabric) -> dict[str, Any]:
     inception = InceptionFeatures(
         weights_path(e.inception), int(e.feature_dim), e.resize, fid_size
     ).to(device)
-    stage2 = cfg.get("ckpt") is not None
-    clip = prompts = system = None
+    clip = prompts = opened = None
     if stage2:
-        clip = ClipScorer(e.clip.model, e.clip.pretrained, e.clip.cache_dir).to(device)
+        c = e.clip
+        clip = ClipScorer(c.model, c.pretrained, c.cache_dir, c.get("quick_gelu")).to(device)
         prompts = read_prompts(e.prompts, int(e.num_images), e.prompt_seed)
-        system = _open_system(cfg, device)
+        opened = _open_system(cfg, device)  # (system, dtype)
     reference = ReferenceSet.of(e.reference)
-    size = int(cfg.image_size) if cfg.image_size is not None else _model_size(system)
+    size = int(cfg.image_size) if cfg.image_size is not None else _model_size(opened)
     limit = int(e.reference_count) if e.reference_count else None
     crop = e.reference_crop == "centre"
     key = reference.key(
@@ -94,18 +93,19 @@ def _evaluate(cfg: DictConfig, fabric) -> dict[str, Any]:
         cache,
         crop,
         lanczos=fid_size is not None,
+        agree=run.agree,
     )
     _check_counts(cfg, len(real), int(e.num_images) if stage2 else len(real))
     started = time.time()
-    record = _record(cfg, inception, clip, reference, len(real), size)
+    record = files.record(cfg, inception, clip, reference, len(real), size)
     record["world_size"] = run.world
     if stage2:
-        record["results"] = _generate_all(cfg, run, system, inception, clip, prompts, real, size)
+        record["results"] = _generate_all(cfg, run, opened, inception, clip, prompts, real, size)
     else:
         record["results"] = [_reconstruct(cfg, run, inception, reference, real, size, crop)]
     record["seconds"] = round(time.time() - started, 1)
     if run.rank == 0:
-        _write(cfg, record)
+        files.write(cfg, record)
     return record["results"][-1]
 
 
@@ -114,6 +114,17 @@ class Run:
 
     def __init__(self, fabric) -> None:
         self.fabric, self.rank, self.world = fabric, fabric.global_rank, fabric.world_size
+
+    def agree(self, answer: bool) -> bool:
+        """Rank 0's answer, on every rank (a file's existence: one answer for all)."""
+        return bool(self.fabric.broadcast(bool(answer), 0)) if self.world > 1 else bool(answer)
+
+    def stop(self) -> bool:
+        """Whether any rank was asked to stop (every rank gets the same answer)."""
+        asked = torch.tensor(float(stopping.requested() is not None), device=self.fabric.device)
+        if self.world > 1:
+            asked = self.fabric.all_reduce(asked, reduce_op="sum")
+        return bool(asked > 0)
 
     def gather(self, rows: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         device = self.fabric.device
@@ -165,49 +176,6 @@ def _check_counts(cfg: DictConfig, reference: int, generated: int) -> None:
         )
 
 
-def _record(cfg, inception, clip, reference, count, size) -> dict[str, Any]:
-    e = cfg.eval
-    model = str(cfg.ckpt if cfg.get("ckpt") is not None else cfg.vae_ckpt)
-    record: dict[str, Any] = {
-        "checkpoint": model,
-        "checkpoint_sha256": sha256(model) if os.path.isfile(model) else None,
-        "stage": "ldm" if clip is not None else "vae",
-        "protocol": {
-            "name": e.get("name"),
-            "num_images": int(e.num_images) if clip is not None else count,
-            "image_size": size,
-            "reference": str(reference.source),
-            "reference_count": count,
-            "reference_transform": (
-                "centre crop to a square, " if e.reference_crop == "centre" else "whole image, "
-            )
-            + (f"PIL Lanczos to {inception.size}" if inception.size else f"PIL bicubic to {size}")
-            + " px",
-            "fid_size": inception.size,
-            "resize": e.resize,
-            "feature_dim": int(e.feature_dim),
-            "kid": {"subsets": int(e.kid_subsets), "subset_size": int(e.kid_subset_size)},
-        },
-        "weights": {"inception": {"file": str(e.inception), "sha256": inception.sha256}},
-    }
-    if clip is not None:
-        record["weights"]["clip"] = {
-            "model": clip.name,
-            "pretrained": str(clip.tag),
-            "sha256": clip.sha256,
-        }
-        record.update(
-            sampler=cfg.sampler,
-            steps=int(cfg.steps),
-            seed=int(cfg.seed),
-            prompts=str(e.prompts),
-            prompt_seed=e.prompt_seed,
-            use_ema=bool(cfg.use_ema),
-            negative_prompt=cfg.negative_prompt,
-        )
-    return record
-
-
 # -- stage 2: generate, per guidance value ---------------------------------------------------------
 def _generate_all(cfg, run, opened, inception, clip, prompts, real, size) -> list[dict[str, Any]]:
     e = cfg.eval
@@ -215,8 +183,8 @@ def _generate_all(cfg, run, opened, inception, clip, prompts, real, size) -> lis
     real_stats = frechet.Stats.of(real)
     results = []
     for g in [float(v) for v in e.guidance]:
-        part = _part_path(cfg, prompts, inception, clip, size, g)
-        if os.path.isfile(part):
+        part = files.part_path(cfg, prompts, inception, clip, size, g)
+        if run.agree(os.path.isfile(part)):
             with np.load(part) as stored:
                 features, cosines = stored["features"], stored["cosines"]
             log.info("guidance %g: evaluated before (%s), not generated again", g, part)
@@ -225,9 +193,11 @@ def _generate_all(cfg, run, opened, inception, clip, prompts, real, size) -> lis
                 cfg, run, system, dtype, inception, clip, prompts, g, size
             )
             if run.rank == 0:
-                _save_part(part, features, cosines)
-                os.makedirs(os.path.join(cfg.paths.output_dir, "grids"), exist_ok=True)
-                save_png(grid, os.path.join(cfg.paths.output_dir, "grids", f"guidance_{g:g}.png"))
+                files.save_part(part, features, cosines)
+                if grid is not None:
+                    folder = os.path.join(cfg.paths.output_dir, "grids")
+                    os.makedirs(folder, exist_ok=True)
+                    save_png(grid, os.path.join(folder, f"guidance_{g:g}.png"))
         results.append(
             measure.scores(
                 g,
@@ -241,7 +211,7 @@ def _generate_all(cfg, run, opened, inception, clip, prompts, real, size) -> lis
             )
         )
         if run.rank == 0:
-            log.info("guidance %g: %s", g, _line(results[-1]))
+            log.info("guidance %g: %s", g, files.line(results[-1]))
     return results
 
 
@@ -261,7 +231,6 @@ def _generate(cfg, run, system, dtype, inception, clip, prompts, g, size):
     )
 
     def generate(captions: list[str], seeds: list[int]) -> torch.Tensor:
-        stopping.check("generating images for eval")
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=low):
             images = system.sample_images(
                 captions,
@@ -277,7 +246,7 @@ def _generate(cfg, run, system, dtype, inception, clip, prompts, g, size):
         bar.update(len(captions))
         return images
 
-    rows, keys, shown = measure.measure(
+    done = measure.measure(
         generate,
         inception,
         clip,
@@ -286,53 +255,24 @@ def _generate(cfg, run, system, dtype, inception, clip, prompts, g, size):
         int(cfg.seed),
         int(e.batch_size),
         keep=int(e.grid_images),
+        stop=run.stop,
     )
     bar.close()
+    if done is None:  # every rank stops here together; the finished guidance values stay
+        raise stopping.Stopped(stopping.requested() or "SIGTERM", "generating images for eval")
+    rows, keys, shown = done
     if not len(rows):
         rows = torch.zeros((0, inception.dims + 1))
     found, _ = run.gather(rows, keys)
-    grid_rows = torch.stack([im.float().flatten() for _, im in shown]) if shown else None
-    if grid_rows is None:
-        grid_rows = torch.zeros((0, 3 * size * size))
-    grid_images, _ = run.gather(grid_rows, torch.tensor([i for i, _ in shown], dtype=torch.long))
-    grid = sample_grid(grid_images.view(-1, 3, size, size) / 127.5 - 1)
+    grid = None
+    if int(e.grid_images):
+        flat = [im.float().flatten() for _, im in shown]
+        grid_rows = torch.stack(flat) if flat else torch.zeros((0, 3 * size * size))
+        grid_keys = torch.tensor([i for i, _ in shown], dtype=torch.long)
+        grid_images, _ = run.gather(grid_rows, grid_keys)
+        grid = sample_grid(grid_images.view(-1, 3, size, size) / 127.5 - 1)
     found = found.numpy()
     return found[:, :-1].astype(np.float32), found[:, -1].astype(np.float64), grid
-
-
-def _part_path(cfg, prompts, inception, clip, size, g) -> str:
-    """Where the gathered features of guidance ``g`` are kept, named by all that made them."""
-    ckpt = str(cfg.ckpt)
-    stat = os.stat(ckpt) if os.path.exists(ckpt) else None
-    settings = {
-        "ckpt": os.path.abspath(ckpt),
-        "mtime": stat.st_mtime_ns if stat else None,
-        "sampler": cfg.sampler,
-        "steps": int(cfg.steps),
-        "seed": int(cfg.seed),
-        "size": size,
-        "guidance": g,
-        "negative": str(cfg.negative_prompt),
-        "use_ema": bool(cfg.use_ema),
-        "lora": OmegaConf.to_container(cfg.lora) if cfg.get("lora") else None,
-        "dims": inception.dims,
-        "resize": inception.resize,
-        "inception": inception.sha256,
-        "fid_size": inception.size,
-        "clip": clip.sha256,
-        "prompts": hashlib.sha256(json.dumps(prompts).encode()).hexdigest(),
-    }
-    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-    return os.path.join(cfg.paths.output_dir, "parts", f"guidance_{g:g}_{key}.npz")
-
-
-def _save_part(path: str, features: np.ndarray, cosines: np.ndarray) -> None:
-    from sd_lightning.core.atomic import beside
-
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    part = beside(path, "part") + ".npz"
-    np.savez(part, features=features, cosines=cosines)
-    os.replace(part, path)
 
 
 # -- stage 1: reconstruct the reference set --------------------------------------------------------
@@ -350,47 +290,3 @@ def _reconstruct(cfg, run, inception, reference, real, size, crop) -> dict[str, 
     return reconstruction_scores(
         vae, lpips, inception, items, real, run.gather, int(e.batch_size), device
     )
-
-
-# -- what a person reads ---------------------------------------------------------------------------
-def _line(result: dict[str, Any]) -> str:
-    shown = {k: v for k, v in result.items() if k not in ("guidance", "kid_std", "images")}
-    return ", ".join(f"{k} {v:.4g}" for k, v in shown.items())
-
-
-def _write(cfg: DictConfig, record: dict[str, Any]) -> None:
-    out = cfg.paths.output_dir
-    os.makedirs(out, exist_ok=True)
-    path = report.write_json(os.path.join(out, "eval.json"), record)
-    report.write_markdown(os.path.join(out, "eval.md"), record)
-    if record["stage"] == "ldm":
-        report.write_plot(os.path.join(out, "eval.png"), record["results"], record["checkpoint"])
-    print(report.table(record["results"]), end="")
-    print(path)
-    _log_metrics(cfg, record)
-    log.info("evaluation of %s: %s (%.0f s)", record["checkpoint"], path, record["seconds"])
-
-
-def _log_metrics(cfg: DictConfig, record: dict[str, Any]) -> None:
-    """The results to the run's loggers (CSV, wandb...): one row per guidance value; the plot
-    and the grids to those that take images."""
-    from lightning.pytorch.loggers import WandbLogger
-
-    from sd_lightning.commands.train import instantiate_group
-
-    loggers = instantiate_group(cfg.get("logger"))
-    out = cfg.paths.output_dir
-    for step, result in enumerate(record["results"]):
-        metrics = {f"eval/{k}": float(v) for k, v in result.items()}
-        for logger in loggers:
-            logger.log_metrics(metrics, step=step)
-    for logger in loggers:
-        logger.log_hyperparams({k: v for k, v in record.items() if k != "results"})
-        if isinstance(logger, WandbLogger) and record["stage"] == "ldm":
-            logger.log_image("eval/fid_vs_clip", [os.path.join(out, "eval.png")])
-            folder = os.path.join(out, "grids")
-            grids = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
-            if grids:
-                paths = [os.path.join(folder, g) for g in grids]
-                logger.log_image("eval/samples", paths, caption=grids)
-        logger.finalize("success")

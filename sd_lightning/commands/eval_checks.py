@@ -29,7 +29,12 @@ def guidance_values(value: Any) -> list[float]:
                 f"eval.guidance={list(values)!r}: {v!r} is not a number >= 0 (1: no guidance); "
                 f"give numbers, e.g. {example}"
             )
-    return [float(v) for v in values]
+    values = [float(v) for v in values]
+    if len(set(values)) != len(values):
+        raise InputError(
+            f"eval.guidance={values}: a value is given twice; give each guidance value once"
+        )
+    return values
 
 
 def check_eval(cfg: DictConfig) -> None:

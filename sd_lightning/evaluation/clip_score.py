@@ -1,5 +1,5 @@
 """CLIP score with an OpenCLIP model read from local files: the cosine between an image's and
-its caption's embeddings, reported as torchmetrics scales it (100 x max(cosine, 0)) and raw
+its caption's embeddings, reported as torchmetrics reports it (max(100 x mean cosine, 0)) and raw
 (MLPerf's). ``eval.clip.model`` is an OpenCLIP name (``ViT-L-14``; MLPerf: ``ViT-H-14``) whose
 ``eval.clip.pretrained`` tag is read from the Hugging Face cache or a file, or ``local-dir:<folder>``
 (a folder as the hub holds it: ``open_clip_config.json`` beside the weights). Images go through
@@ -27,7 +27,11 @@ class ClipScorer(nn.Module):
     """``forward(images, captions)``: the cosine per image (uint8 N x 3 x H x W)."""
 
     def __init__(
-        self, model: str = "ViT-L-14", pretrained: str | None = "openai", cache_dir=None
+        self,
+        model: str = "ViT-L-14",
+        pretrained: str | None = "openai",
+        cache_dir=None,
+        quick_gelu: bool | None = None,
     ) -> None:
         super().__init__()
         import open_clip
@@ -35,14 +39,17 @@ class ClipScorer(nn.Module):
         self.name = str(model)
         self.tag = "local-dir" if self.name.startswith(LOCAL) else pretrained
         with _quiet(logging.ERROR if pretrained == "random" else logging.WARNING):
-            net, preprocess, path = self._build(model, pretrained, cache_dir)
+            net, preprocess, path = self._build(model, pretrained, cache_dir, quick_gelu)
             self.tokenizer = open_clip.get_tokenizer(self.name)
         self.sha256 = sha256(path) if path else "random"
         self.net = net.eval().requires_grad_(False)
+        blocks = getattr(getattr(self.net, "transformer", None), "resblocks", None)  # text tower
+        gelu = type(getattr(blocks[0].mlp, "gelu", None)).__name__ if blocks else ""
+        self.activation = "quick_gelu" if gelu == "QuickGELU" else "gelu"
         self.preprocess = preprocess
         log.info("CLIP score: OpenCLIP %s (%s) from %s", self.name, self.tag, path or "nowhere")
 
-    def _build(self, model, pretrained, cache_dir):
+    def _build(self, model, pretrained, cache_dir, quick_gelu):
         import open_clip
 
         if self.name.startswith(LOCAL):
@@ -63,9 +70,17 @@ class ClipScorer(nn.Module):
                 )
             else:
                 path = weights_file(self.name, str(pretrained), cache_dir, "eval.clip.pretrained")
-            tag = pretrained if path and not os.path.isfile(str(pretrained)) else None
+            is_file = path is not None and os.path.isfile(str(pretrained))
+            if quick_gelu is None and is_file:
+                raise InputError(
+                    f"eval.clip.pretrained={pretrained!r} is a file: its activation cannot be read "
+                    "from it; set eval.clip.quick_gelu=true for OpenAI's weights (trained with "
+                    "QuickGELU), false for LAION's, or give the tag (openai, laion2b_s32b_b79k)"
+                )
+            if quick_gelu is None:
+                quick_gelu = tag_quick_gelu(self.name, pretrained if path else None)
             net, _, preprocess = open_clip.create_model_and_transforms(
-                self.name, pretrained=path, force_quick_gelu=tag_quick_gelu(self.name, tag)
+                self.name, pretrained=path, force_quick_gelu=bool(quick_gelu)
             )
         return net, preprocess, path
 
@@ -124,6 +139,6 @@ def architecture(model: str, tag: str | None) -> nn.Module:
         return open_clip.create_model(model, pretrained=None, force_quick_gelu=quick, device="meta")
 
 
-def torchmetrics_scale(cosines: torch.Tensor) -> torch.Tensor:
-    """torchmetrics' CLIP score of each image: 100 x max(cosine, 0)."""
-    return 100 * cosines.clamp(min=0)
+def torchmetrics_score(cosines: torch.Tensor) -> float:
+    """torchmetrics' CLIP score of a set: max(100 x the mean cosine, 0) (``CLIPScore.compute``)."""
+    return max(100 * float(cosines.double().mean()), 0.0)

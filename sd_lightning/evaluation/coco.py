@@ -60,6 +60,8 @@ def main(argv: list[str] | None = None) -> None:
         record["caption"] = record["caption"].replace("\n", "").strip()
     picked = pick(annotations, args.count, args.seed)
     folder = os.path.join(args.out, "images")
+    if os.path.isdir(folder) and os.listdir(folder):  # old images would join the reference set
+        raise SystemExit(f"{folder} is not empty: give a new --out, or empty it first")
     os.makedirs(folder, exist_ok=True)
     missing = [
         r

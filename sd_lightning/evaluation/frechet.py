@@ -1,12 +1,15 @@
 """FID and KID from features: the statistics of a set, the Frechet distance between two (scipy's
-matrix square root, as pytorch-fid and clean-fid compute it) and the kernel distance (the
+matrix square root with clean-fid's handling of a singular or complex product) and the kernel distance (the
 unbiased MMD with the cubic polynomial kernel over random subsets, clean-fid's defaults)."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -25,7 +28,7 @@ class Stats:
 
 def frechet_distance(a: Stats, b: Stats, eps: float = 1e-6) -> float:
     """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)); a singular product is offset by
-    ``eps`` on the diagonal first (pytorch-fid's rule)."""
+    ``eps`` on the diagonal first (pytorch-fid's and clean-fid's rule)."""
     from scipy import linalg
 
     diff = a.mu - b.mu
@@ -33,8 +36,15 @@ def frechet_distance(a: Stats, b: Stats, eps: float = 1e-6) -> float:
     if not np.isfinite(covmean).all():
         offset = np.eye(a.sigma.shape[0]) * eps
         covmean = linalg.sqrtm((a.sigma + offset).dot(b.sigma + offset))
-    if np.iscomplexobj(covmean):
-        covmean = covmean.real  # numerical noise of the square root
+    if np.iscomplexobj(covmean):  # clean-fid's rule: the real part (pytorch-fid would stop)
+        imaginary = float(np.abs(np.diagonal(covmean).imag).max())
+        if imaginary > 1e-3:
+            log.warning(
+                "FID: the matrix square root has an imaginary part of %.3g (few images for the "
+                "feature width?); its real part is used, as clean-fid does",
+                imaginary,
+            )
+        covmean = covmean.real
     return float(diff.dot(diff) + np.trace(a.sigma) + np.trace(b.sigma) - 2 * np.trace(covmean))
 
 

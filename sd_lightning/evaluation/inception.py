@@ -34,6 +34,7 @@ URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/" + FIL
 DIMS = (64, 192, 768, 2048)  # the pooled widths torch-fidelity provides
 RESIZES = ("clean", "legacy_tensorflow", "legacy_pytorch")
 SIZE = 299
+UNSAVED = "num_batches_tracked"  # batch norm's step counters: not in the converted files
 
 
 def cached_file() -> str | None:
@@ -93,7 +94,8 @@ def random_state(seed: int = 0) -> dict[str, torch.Tensor]:
     with torch.no_grad():
         noise = torch.Generator().manual_seed(seed)
         own(torch.randint(0, 256, (8, 3, SIZE, SIZE), generator=noise, dtype=torch.uint8))
-    return {k: v.clone() for k, v in own.state_dict().items()}
+    # as the published file holds them: no batch-norm step counters (torch-fidelity's converter)
+    return {k: v.clone() for k, v in own.state_dict().items() if not k.endswith(UNSAVED)}
 
 
 def _network_from(state: dict[str, torch.Tensor], cls) -> nn.Module:
@@ -242,5 +244,6 @@ def _shapes() -> dict[str, tuple[int, ...]]:
             net = torchvision.models.inception_v3(
                 weights=None, aux_logits=False, num_classes=1008, init_weights=False
             )
-        _SHAPES.update({k: tuple(v.shape) for k, v in net.state_dict().items()})
+        shapes = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+        _SHAPES.update({k: v for k, v in shapes.items() if not k.endswith(UNSAVED)})
     return _SHAPES

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from sd_lightning.evaluation import frechet
-from sd_lightning.evaluation.clip_score import torchmetrics_scale
+from sd_lightning.evaluation.clip_score import torchmetrics_score
 
 log = logging.getLogger(__name__)
 PAD = -1  # an index that pads a rank's share: generated (ranks stay in step), never counted
@@ -35,11 +35,12 @@ def measure(
     batch_size: int,
     keep: int = 0,
     stop: Callable[[], bool] | None = None,
+    adaptive: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, torch.Tensor]]] | None:
     """Rows ``[Inception features | CLIP cosine]`` of the images of ``indices`` (``PAD``s
     generated and dropped), their indices, and the uint8 images of indices below ``keep`` (for
     grids). ``stop()`` is asked before each batch; ``None`` when it says yes. Out of GPU memory,
-    the batch is halved and tried again (``stage=eval``: batches as large as fit)."""
+    the batch is halved and tried again where ``adaptive`` (batches as large as fit)."""
     rows, kept, shown = [], [], []
     start = 0
     while start < len(indices):
@@ -51,7 +52,7 @@ def measure(
         try:
             images = to_uint8(generate(captions, [seed + i for i in real]))
         except torch.cuda.OutOfMemoryError:
-            if batch_size == 1 or stop is not None:  # ranks of a sharded U-Net stay in step
+            if batch_size == 1 or not adaptive:  # a sharded U-Net: the ranks stay in step
                 raise
             batch_size //= 2
             torch.cuda.empty_cache()
@@ -97,7 +98,7 @@ def scores(
         "fid": frechet.frechet_distance(frechet.Stats.of(features), real_stats),
         "kid": kid,
         "kid_std": kid_std,
-        "clip_score": float(torchmetrics_scale(torch.from_numpy(cosines)).mean()),
+        "clip_score": torchmetrics_score(torch.from_numpy(cosines)),
         "clip_cosine": float(cosines.mean()),
         "images": len(features),
     }

@@ -41,9 +41,9 @@ def _captions(source: str) -> list[str]:
             f"{OPTION}={source!r}: no such file. Give a text file with one caption a line (e.g. "
             "COCO's captions, docs/evaluation.md), or shards (/data/coco/{00000..00009}.tar)"
         )
-    with open(source, encoding="utf-8-sig") as f:
+    with open(source, encoding="utf-8-sig", newline="") as f:  # "\r" inside a caption stays
         try:
-            lines = f.read().splitlines()
+            lines = [line.rstrip("\r") for line in f.read().split("\n")]  # only newlines end one
         except UnicodeDecodeError as e:
             raise InputError(f"{OPTION}={source!r} is not UTF-8 text ({e})") from None
     return [line.strip() for line in lines if line.strip()]

@@ -116,16 +116,18 @@ def _skip(skipped: Counter, what: str, error: BaseException) -> None:
 
 
 def square(image, size: int, crop: bool = True, lanczos: bool = False) -> torch.Tensor:
-    """The image as RGB, centre-cropped to a square (``crop``), resized (PIL bicubic, or
-    Lanczos) to ``size`` x ``size``: uint8 CHW."""
-    from PIL import Image, ImageOps
+    """The image as RGB, centre-cropped to a square (``crop``; torchvision's centre), resized (PIL
+    bicubic, or Lanczos) to ``size`` x ``size``: uint8 CHW. No EXIF rotation: the FID libraries
+    and the protocols' scripts read pixels as stored."""
+    from PIL import Image
 
     from sd_lightning.data.images import to_rgb
 
-    image = to_rgb(ImageOps.exif_transpose(image))
+    image = to_rgb(image)
     if crop:
         side = min(image.size)
-        left, top = (image.width - side) // 2, (image.height - side) // 2
+        left = int(round((image.width - side) / 2.0))
+        top = int(round((image.height - side) / 2.0))
         image = image.crop((left, top, left + side, top + side))
     if image.size != (size, size):
         image = image.resize((size, size), resample=Image.LANCZOS if lanczos else Image.BICUBIC)
@@ -160,10 +162,13 @@ def reference_features(
     cache: str,
     crop: bool = True,
     lanczos: bool = False,
+    agree: Callable[[bool], bool] = bool,
 ) -> np.ndarray:
     """The features (float32, N x dims) of the first ``limit`` reference images (all: None),
-    read from ``cache`` if there, else computed over the ranks and written there by rank 0."""
-    if os.path.isfile(cache):
+    read from ``cache`` if there, else computed over the ranks and written there by rank 0.
+    ``agree``: rank 0's answer on every rank (whether the cache is there: one answer, or some
+    ranks would wait in a gather the others skip)."""
+    if agree(os.path.isfile(cache)):
         with np.load(cache) as stored:
             log.info("reference features: %d from the cache %s", len(stored["features"]), cache)
             return stored["features"]
