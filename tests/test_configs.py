@@ -21,6 +21,8 @@ GROUPS = [
     "experiment",
     "stage",
     "finetune",
+    "eval",
+    "repa",
 ]
 
 

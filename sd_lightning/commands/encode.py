@@ -17,10 +17,11 @@ from typing import Any
 
 import lightning as L
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from sd_lightning.commands.open import load_vae
+from sd_lightning.commands.options import check_repa
 from sd_lightning.commands.preflight import require
 from sd_lightning.core import stopping
 from sd_lightning.data.pipeline import ShardPipeline
@@ -36,7 +37,17 @@ def encode(cfg: DictConfig) -> dict[str, Any]:
     refuse_existing_shards(output)
     vae = load_vae(str(cfg.vae_ckpt))
     text_encoder = instantiate(cfg.text_encoder) if cfg.encode_text else None
-    system = EncodeSystem(vae, text_encoder, dtype=str(cfg.dtype))
+    repa = cfg.get("repa")
+    vision = None
+    if repa:
+        check_repa(cfg)  # repa=urepa: the encoder's features stored, so training does not run it
+        from sd_lightning.weights.vision import VisionEncoder
+
+        random_config = (
+            OmegaConf.to_container(repa.random_config) if repa.get("random_config") else None
+        )
+        vision = VisionEncoder(str(repa.encoder), int(repa.resolution), random_config)
+    system = EncodeSystem(vae, text_encoder, dtype=str(cfg.dtype), vision=vision)
 
     datamodule = instantiate(cfg.data, val_shards=0)
     datamodule.prepare_data()
@@ -85,7 +96,8 @@ def encode(cfg: DictConfig) -> dict[str, Any]:
     print(
         f"encoded {total} samples into {len(sizes)} shards in {output} "
         f"(latents {vae.embed_dim}x{datamodule.image_size // factor}x"
-        f"{datamodule.image_size // factor}, text states: {bool(cfg.encode_text)}); "
+        f"{datamodule.image_size // factor}, text states: {bool(cfg.encode_text)}, alignment "
+        f"features: {vision is not None}); "
         f"train with data=latents data.urls='{urls}'"
     )
     return {"samples": total, "shards": len(sizes), "urls": urls}

@@ -33,6 +33,7 @@ from sd_lightning.finetune.lora import merge_adapters
 from sd_lightning.finetune.lora_files import merge_lora
 from sd_lightning.finetune.text_lora import fuse_attention
 from sd_lightning.models import AutoencoderKL, UNetModel
+from sd_lightning.systems.alignment import PREFIX as ALIGNER
 from sd_lightning.systems.ldm import LatentDiffusionSystem
 from sd_lightning.weights.configs import family_of_config
 from sd_lightning.weights.files import SHARDED_META, read_weight_file, sharded_meta
@@ -179,13 +180,15 @@ def load_ldm(
             f"base= is for partial checkpoints (LoRA, textual inversion); {where} holds a whole model"
         )
     model_cfg: dict[str, Any] = dict(config["model"])
+    model_cfg.pop("repa", None)  # sampling needs neither the alignment's projector nor encoder
     if not partial:
         model_cfg["vae"] = {"_target_": "sd_lightning.models.AutoencoderKL", **meta["vae_config"]}
     system = instantiate(OmegaConf.create(model_cfg))
     if partial:
         pretrained.load(system, OmegaConf.create(config), resume=None)
         check_base(meta["base"], system.base_reference, where, "base")
-    system.load_state_dict(checkpoint["state_dict"], strict=not partial)
+    state = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(ALIGNER)}
+    system.load_state_dict(state, strict=not partial)
     system.run_config = config
     return system.eval()
 

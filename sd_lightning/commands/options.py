@@ -250,3 +250,30 @@ def check_training_options(cfg: DictConfig) -> None:
         choice(optimizer.get("name", "adamw"), "model.optimizer.name", ("adamw", "adafactor"))
         if optimizer.get("step_in_backward"):
             check_step_in_backward(cfg.trainer)
+        check_repa(cfg)
+
+
+def check_repa(cfg: DictConfig) -> None:
+    """``repa=urepa``: an encoder folder of the right kind, images to align with, DDP."""
+    repa = cfg.get("repa")
+    if not repa:
+        return
+    if OmegaConf.is_missing(repa, "encoder"):
+        raise InputError(
+            "repa=urepa needs repa.encoder=/path/to/dinov2-base: a DINOv2 folder as the hub holds "
+            "it (config.json, model.safetensors; docs/repa.md)"
+        )
+    for key in ("weight", "manifold_weight"):
+        value = repa.get(key)
+        if not _number(value) or not math.isfinite(value) or value < 0:
+            raise InputError(f"repa.{key}={value!r}: give a number >= 0")
+    whole(repa.get("resolution"), "repa.resolution", 14, "224")
+    if str(repa.encoder) != "random":
+        from sd_lightning.weights.vision import read_config
+
+        read_config(str(repa.encoder))  # a missing folder or another model: now, not at step 1
+    strategy = (cfg.get("trainer") or {}).get("strategy")
+    if "FSDP2Strategy" in str(strategy):
+        raise InputError(
+            "repa=urepa runs with DDP (trainer=ddp); trainer=fsdp is not supported yet"
+        )

@@ -37,7 +37,7 @@ FIELDS = ("original_size", "crop_top_left", "target_size")  # the crop's geometr
 
 class LatentSampleDecoder:
     """A latent sample -> ``{"latent_mean", "latent_logvar", "caption"[, "text_states",
-    "text_pooled"]}`` and the crop's geometry where the shard kept it."""
+    "text_pooled", "repa_features"]}`` and the crop's geometry where the shard kept it."""
 
     def __init__(self, text_states: bool = True):
         self.text_states = text_states
@@ -59,6 +59,8 @@ class LatentSampleDecoder:
             out["text_states"] = load_npy(sample["text.npy"])
             if "pooled.npy" in sample:
                 out["text_pooled"] = load_npy(sample["pooled.npy"])
+        if "repa.npy" in sample:  # stage=encode repa=urepa: the aligned encoder's features
+            out["repa_features"] = load_npy(sample["repa.npy"])
         if "json" in sample:
             record = json.loads(sample["json"])
             out.update({f: torch.tensor(record[f]) for f in FIELDS if f in record})

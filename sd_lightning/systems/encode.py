@@ -23,21 +23,30 @@ class EncodeSystem(L.LightningModule):
     """``predict_step(batch) -> samples``: posterior mean and log-variance of each image, its
     caption and crop geometry (original size, crop, target size: SDXL's micro-conditioning),
     and (optionally) the text encoder's token states and, where it pools (SDXL), its pooled
-    vector, as ``dtype`` numpy arrays."""
+    vector, and the features ``repa=urepa`` aligns with, as ``dtype`` numpy arrays."""
 
     def __init__(
-        self, vae: AutoencoderKL, text_encoder: torch.nn.Module | None, dtype: str = "float16"
+        self,
+        vae: AutoencoderKL,
+        text_encoder: torch.nn.Module | None,
+        dtype: str = "float16",
+        vision: torch.nn.Module | None = None,
     ):
         super().__init__()
         if dtype not in ("float16", "float32"):
             raise ValueError(f"dtype must be float16 or float32, got {dtype!r}")
         self.vae = Frozen(vae)
         self.text_encoder = Frozen(text_encoder) if text_encoder is not None else None
+        self.vision = Frozen(vision) if vision is not None else None  # repa=urepa's encoder
         self.np_dtype = np.dtype(dtype)
 
     @torch.no_grad()
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict[str, bytes]]:
-        posterior = self.vae.net.encode(to_model_range(batch["image"]))
+        images = to_model_range(batch["image"])
+        posterior = self.vae.net.encode(images)
+        features = None
+        if self.vision is not None:  # the aligned encoder's patch tokens, once for every epoch
+            features = self.vision(images).float().cpu().numpy().astype(self.np_dtype)
         mean = posterior.mean.float().cpu().numpy().astype(self.np_dtype)
         logvar = posterior.logvar.float().cpu().numpy().astype(self.np_dtype)
         states = pooled = None
@@ -62,6 +71,8 @@ class EncodeSystem(L.LightningModule):
                 sample["text.npy"] = npy_bytes(states[i])
             if pooled is not None:
                 sample["pooled.npy"] = npy_bytes(pooled[i])
+            if features is not None:
+                sample["repa.npy"] = npy_bytes(features[i])
             samples.append(sample)
         return samples
 

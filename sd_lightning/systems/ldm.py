@@ -40,6 +40,7 @@ from sd_lightning.models.parallel import (
     is_sharded,
 )
 from sd_lightning.models.unet import UNetModel
+from sd_lightning.systems.alignment import AlignmentMixin
 from sd_lightning.systems.latents import LatentsMixin
 from sd_lightning.systems.partial import PartialCheckpointMixin
 from sd_lightning.systems.rng import StepSeededMixin
@@ -47,6 +48,8 @@ from sd_lightning.systems.sampling import SamplingMixin
 from sd_lightning.systems.stage import StageCheckpointMixin
 
 log = logging.getLogger(__name__)
+NETS = ["unet", "vae", "text_encoder", "optimizer", "lr_scheduler", "schedule", "finetune", "repa"]
+NOT_HYPERPARAMETERS = [*NETS, "val_prompts", "val_sampler", "compile_options"]  # own, or in config
 # The frozen VAE and the EMA copy are in eval mode on purpose; Lightning's warning about modules
 # in eval mode at the start of training would only confuse.
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training")
@@ -57,7 +60,12 @@ STAGE = "ldm"
 
 
 class LatentDiffusionSystem(
-    StepSeededMixin, LatentsMixin, SamplingMixin, PartialCheckpointMixin, StageCheckpointMixin
+    StepSeededMixin,
+    LatentsMixin,
+    SamplingMixin,
+    PartialCheckpointMixin,
+    StageCheckpointMixin,
+    AlignmentMixin,
 ):
     """Trains ``unet`` on ``vae`` latents conditioned on ``text_encoder`` token states.
 
@@ -121,6 +129,7 @@ class LatentDiffusionSystem(
         compile_options: dict[str, Any] | None = None,
         finetune: Any = None,
         offload_text_encoder: bool = False,
+        repa: dict[str, Any] | None = None,
     ):
         super().__init__()
         prediction = prediction or "epsilon"  # null: pretrained= resolves it before, else this
@@ -146,20 +155,7 @@ class LatentDiffusionSystem(
             )
         # plain containers (Hydra passes DictConfigs), so checkpoints load with weights_only=True
         schedule, val_sampler = _plain(schedule or {}), _plain(val_sampler or {})
-        self.save_hyperparameters(
-            ignore=[
-                "unet",
-                "vae",
-                "text_encoder",
-                "optimizer",
-                "lr_scheduler",
-                "schedule",
-                "val_prompts",
-                "val_sampler",
-                "compile_options",
-                "finetune",
-            ]
-        )
+        self.save_hyperparameters(ignore=NOT_HYPERPARAMETERS)
         self.finetune = finetune or None  # finetune=none composes to an empty node
         if self.finetune is not None:
             unet = self.finetune.apply(unet)
@@ -171,6 +167,7 @@ class LatentDiffusionSystem(
         self.base_reference: dict[str, Any] | None = None  # set by pretrained.load
         self.unet = unet
         self.ema = EMA(unet, ema_decay) if ema_decay is not None else None
+        self.init_alignment(_plain(repa) if repa else None)  # repa=urepa: projector and encoder
         self.vae = vae.requires_grad_(False).eval()
         adapt_text = getattr(self.finetune, "adapt_text", None)
         text_tower = adapt_text(text_encoder) if adapt_text else None
@@ -293,7 +290,9 @@ class LatentDiffusionSystem(
         noise = offset_noise(z.shape, self.offset_noise, rng, device=z.device, dtype=z.dtype)
         n = len(self.alphas_cumprod)
         t = torch.randint(0, n, (z.shape[0],), generator=rng, device=z.device)
-        loss = self.diffusion_loss(self.unet, z, conditions, t, noise, batch.get("loss_weight"))
+        with self.caught_middle() as middle:  # repa=urepa: the U-Net's middle block output
+            loss = self.diffusion_loss(self.unet, z, conditions, t, noise, batch.get("loss_weight"))
+        loss = loss + self.alignment_term(batch, middle)
         bs = z.shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         self.log_skipped()
