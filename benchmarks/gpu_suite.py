@@ -13,7 +13,8 @@ against diffusers' pipeline), ``lora_step`` (a LoRA step against a full fine-tun
 ``sdxl_step`` (SDXL at 1024 px against diffusers, the largest batch, the memory of each way to
 fit a card: LoRA rank 32, full fine-tuning with checkpointing, Adafactor, 8-bit AdamW, the step
 in backward), ``eval_speed`` (``stage=eval``'s generation, Inception features and CLIP score
-in images/s, against torchmetrics' FID update). Each part leaves ``<results>/<part>.json``; the markdown
+in images/s, against torchmetrics' FID update), ``repa_step`` (U-REPA's step against the plain
+one, DINOv2 online and precomputed). Each part leaves ``<results>/<part>.json``; the markdown
 (``docs/benchmarks/gpu.md``) is made from every JSON in the results folder, so a re-run of some
 parts keeps the others' figures. With ``$OUT`` set (the device tool), the markdown, the JSON and
 the logs are copied there too.
@@ -76,6 +77,10 @@ def parts() -> dict[str, Part]:
         "benchmarks/eval_speed.py --unet tiny --vae tiny --px 64 --steps 2 --batch 4 "
         "--clip ViT-B-32 --rounds 1 --device cpu"
     )
+    repa_tiny = (
+        "benchmarks/repa_step.py --unet tiny --px 64 --batch 2 --dino tiny --resolution 56 "
+        "--steps 1 --rounds 1 --device cpu"
+    )
     return {
         "tests": Part(
             "GPU tests: both stages from the CLI (`pytest -m gpu`)",
@@ -131,6 +136,13 @@ def parts() -> dict[str, Part]:
             timeout=150,
             needs=60,
             tiny_args=eval_tiny.split(),
+        ),
+        "repa_step": Part(
+            "U-REPA's cost: SD 1.5 at 256 px, plain against DINOv2 online and precomputed",
+            ["benchmarks/repa_step.py"],
+            timeout=120,
+            needs=50,
+            tiny_args=repa_tiny.split(),
         ),
     }
 
@@ -207,6 +219,7 @@ def render(results: dict[str, dict[str, Any]], all_parts: dict[str, Part], notes
     from eval_speed import markdown as eval_markdown
     from lightning_steps import ldm_markdown, vae_markdown
     from lora_step import markdown as lora_markdown
+    from repa_step import markdown as repa_markdown
     from sampling import markdown as sampling_markdown
     from sdxl_step import to_markdown as sdxl_markdown
     from unet_step import to_markdown as unet_markdown
@@ -219,6 +232,7 @@ def render(results: dict[str, dict[str, Any]], all_parts: dict[str, Part], notes
         "lora_step": lora_markdown,
         "sdxl_step": sdxl_markdown,
         "eval_speed": eval_markdown,
+        "repa_step": repa_markdown,
     }
     device = next((r["device"] for r in results.values() if r.get("device")), {})
     lines = [

@@ -54,10 +54,11 @@ def test_every_part_runs_and_the_markdown_has_its_figures(suite):
         "Fine-tuning",
         "SDXL at 1024 px",
         "stage=eval at 512 px",
+        "U-REPA's cost",
     )
     for title in titles:
         assert f"## {title}" in md
-    assert md.count("exit 0") == 7 and "Not run yet." in md  # the pytest -m gpu part: GPU only
+    assert md.count("exit 0") == 8 and "Not run yet." in md  # the pytest -m gpu part: GPU only
     parts = (
         "unet_step",
         "ldm_step",
@@ -133,3 +134,14 @@ def test_the_eval_part_measures_each_stage_against_torchmetrics(suite):
     used = [rate for name, rate in result["rows"] if name.startswith(("generation", "CLIP"))]
     used += [rate for name, rate in result["rows"] if name.startswith("Inception features (clean")]
     assert len(used) == 3 and 0 < result["images_per_s"] < min(used)  # the three stage=eval runs
+
+
+def test_the_repa_part_times_both_ways_against_the_plain_step(suite):
+    tmp, _ = suite
+    rows = {name: (ms, ratio) for name, ms, ratio, _ in _json(tmp, "repa_step")["rows"]}
+    assert set(rows) == {
+        "plain stage 2",
+        "U-REPA, DINOv2 on the batch's images",
+        "U-REPA, features precomputed (stage=encode)",
+    }
+    assert all(ms > 0 for ms, _ in rows.values()) and rows["plain stage 2"][1] == 1.0
