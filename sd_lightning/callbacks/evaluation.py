@@ -191,7 +191,7 @@ class Evaluation(L.Callback):
             asked = torch.tensor(stopping.requested() is not None, device=pl_module.device)
             return bool(trainer.strategy.reduce_boolean_decision(asked, all=False))
 
-        mine = measure.padded_share(len(self.prompts), trainer.global_rank, trainer.world_size)
+        mine = gather.padded_share(len(self.prompts), trainer.global_rank, trainer.world_size)
         done = measure.measure(
             generate,
             self.inception,

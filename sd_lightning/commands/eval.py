@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from sd_lightning.commands import eval_files as files
 from sd_lightning.commands.eval_checks import check_eval
+from sd_lightning.commands.sample import open_for_sampling
 from sd_lightning.core import stopping
 from sd_lightning.core.errors import InputError
 from sd_lightning.data.images import save_png
@@ -66,7 +67,7 @@ def _evaluate(cfg: DictConfig, fabric) -> dict[str, Any]:
         c = e.clip
         clip = ClipScorer(c.model, c.pretrained, c.cache_dir, c.get("quick_gelu")).to(device)
         prompts = read_prompts(e.prompts, int(e.num_images), e.prompt_seed)
-        opened = _open_system(cfg, device)  # (system, dtype)
+        opened = open_for_sampling(cfg, device)  # (system, dtype)
     reference = ReferenceSet.of(e.reference)
     size = int(cfg.image_size) if cfg.image_size is not None else _model_size(opened)
     limit = int(e.reference_count) if e.reference_count else None
@@ -147,12 +148,6 @@ def _fabric(cfg: DictConfig):
     )
 
 
-def _open_system(cfg: DictConfig, device: torch.device):
-    from sd_lightning.commands.sample import open_for_sampling
-
-    return open_for_sampling(cfg, device)
-
-
 def _model_size(opened) -> int:
     if opened is None:
         raise InputError("image_size is not set: give the size the VAE is evaluated at, e.g. 256")
@@ -220,7 +215,7 @@ def _generate(cfg, run, system, dtype, inception, clip, prompts, g, size):
     device = run.fabric.device
     low = device.type == "cuda" or dtype == torch.bfloat16
 
-    mine = measure.padded_share(len(prompts), run.rank, run.world)
+    mine = gather.padded_share(len(prompts), run.rank, run.world)
     bar = tqdm(
         total=len(mine),
         desc=f"guidance {g:g}",

@@ -9,11 +9,14 @@ from collections.abc import Callable
 import torch
 
 AllGather = Callable[[torch.Tensor], torch.Tensor]
+PAD = -1  # an index that pads a rank's share: generated (ranks stay in step), never counted
 
 
-def share(count: int, rank: int, world: int) -> list[int]:
-    """The items of ``rank``: every ``world``-th from ``rank`` (the ranks differ by one at most)."""
-    return list(range(rank, count, world))
+def padded_share(count: int, rank: int, world: int) -> list[int]:
+    """The items of ``rank``: every ``world``-th from ``rank``, padded with ``PAD`` to the same
+    length on every rank (a sharded U-Net needs every rank in every forward)."""
+    mine = list(range(rank, count, world))
+    return mine + [PAD] * (-(-count // world) - len(mine))
 
 
 def _stacked(all_gather: AllGather, tensor: torch.Tensor, world: int) -> torch.Tensor:

@@ -15,9 +15,9 @@ import torch
 
 from sd_lightning.evaluation import frechet
 from sd_lightning.evaluation.clip_score import torchmetrics_score
+from sd_lightning.evaluation.gather import PAD
 
 log = logging.getLogger(__name__)
-PAD = -1  # an index that pads a rank's share: generated (ranks stay in step), never counted
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
@@ -72,13 +72,6 @@ def measure(
         torch.tensor(kept, dtype=torch.long),
         shown,
     )
-
-
-def padded_share(count: int, rank: int, world: int) -> list[int]:
-    """Every ``world``-th index from ``rank``, padded with ``PAD`` to the same length on every
-    rank (a sharded U-Net needs every rank in every forward)."""
-    mine = list(range(rank, count, world))
-    return mine + [PAD] * (-(-count // world) - len(mine))
 
 
 def scores(
