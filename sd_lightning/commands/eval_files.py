@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
+from sd_lightning.core.fingerprint import cached_fingerprint
 from sd_lightning.evaluation import report
-from sd_lightning.evaluation.inception import sha256
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +25,7 @@ def record(cfg, inception, clip, reference, count, size) -> dict[str, Any]:
     model = str(cfg.ckpt if cfg.get("ckpt") is not None else cfg.vae_ckpt)
     out: dict[str, Any] = {
         "checkpoint": model,
-        "checkpoint_sha256": sha256(model) if os.path.isfile(model) else None,
+        "checkpoint_sha256": cached_fingerprint(model) if os.path.isfile(model) else None,
         "stage": "ldm" if clip is not None else "vae",
         "protocol": {
             "name": e.get("name"),

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from sd_lightning.core.errors import InputError
-from sd_lightning.evaluation.inception import sha256
+from sd_lightning.core.fingerprint import cached_fingerprint
 from sd_lightning.weights.openclip import tag_quick_gelu, weights_file
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ class ClipScorer(nn.Module):
         with _quiet(logging.ERROR if pretrained == "random" else logging.WARNING):
             net, preprocess, path = self._build(model, pretrained, cache_dir, quick_gelu)
             self.tokenizer = open_clip.get_tokenizer(self.name)
-        self.sha256 = sha256(path) if path else "random"
+        self.sha256 = cached_fingerprint(path) if path else "random"
         self.net = net.eval().requires_grad_(False)
         blocks = getattr(getattr(self.net, "transformer", None), "resblocks", None)  # text tower
         gelu = type(getattr(blocks[0].mlp, "gelu", None)).__name__ if blocks else ""

@@ -14,7 +14,6 @@ points, so ``eval.json`` records which one made a number:
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 
@@ -24,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sd_lightning.core.errors import InputError
+from sd_lightning.core.fingerprint import cached_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -65,14 +65,6 @@ def weights_path(option: str | None) -> str:
             f"{FILES[1]}), from {URL}"
         )
     return path
-
-
-def sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def random_state(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -134,7 +126,7 @@ class InceptionFeatures(nn.Module):
             state, self.sha256 = random_state(), "random"
         else:
             state = _read(weights)
-            self.sha256 = sha256(weights)
+            self.sha256 = cached_fingerprint(weights)
             if not self.sha256.startswith(CLASSIC_SHA256):
                 log.warning(
                     "eval.inception=%s is not the classic pt_inception-2015-12-05 file (sha256 "
