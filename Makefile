@@ -10,10 +10,13 @@ STAMP  := $(VENV)/.installed
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
 
+# torch (about 6 GB with its CUDA libraries) goes in alone first, so that its wheels are off the
+# disk before the rest come down; no pip cache: a CI runner's disk holds one copy, not three.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --upgrade pip
-	$(BIN)/pip install -e '.[dev]'
+	$(BIN)/pip install -q --no-cache-dir --upgrade pip
+	$(BIN)/pip install --no-cache-dir "torch>=2.4" "torchvision>=0.19"
+	$(BIN)/pip install --no-cache-dir -e '.[dev]'
 	touch $(STAMP)
 
 install: $(STAMP) ## make .venv and install the package with its dev extra

@@ -136,9 +136,9 @@ def _overrides(args) -> dict[str, Any]:
     return out
 
 
-def memory(args, argv: list[str]) -> list[dict[str, Any]]:
-    """Every way in a fresh process of this script (``--way NAME``)."""
-    rows = []
+def memory(args, argv: list[str], rows: list[dict[str, Any]], saved=lambda: None):
+    """Every way in a fresh process of this script (``--way NAME``), each row into ``rows`` and
+    ``saved()`` called as it comes (a part stopped at its time limit keeps the ways it ran)."""
     names = list(WAYS)
     for name in [names[int(i)] for i in args.ways.split(",")] if args.ways else names:
         proc = subprocess.run(
@@ -154,6 +154,7 @@ def memory(args, argv: list[str]) -> list[dict[str, Any]]:
             row or {"way": name, "skipped": f"exit {proc.returncode}: {proc.stderr[-300:]}"}
         )
         print(json.dumps(rows[-1]), flush=True)
+        saved()
     return rows
 
 
@@ -208,7 +209,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--override", action="append", default=[], help="preset key=value (JSON)")
     p.add_argument("--px", type=int, default=1024)
     p.add_argument("--batch", type=int, default=1, help="batch of the memory table")
-    p.add_argument("--compare-batch", type=int, default=4, help="batch against diffusers")
+    p.add_argument("--compare-batch", type=int, default=2, help="batch against diffusers")
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--memory-only", action="store_true")
     p.add_argument("--tiny", action="store_true", help="CPU, tiny sizes (the suite's test)")
@@ -234,13 +235,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         steps=args.steps, rounds=2, precision="bf16" if device.type == "cuda" else "fp32",
         ladder=f"{args.unet}:{args.px}:{args.compare_batch}",
     )  # fmt: skip
+    def save() -> None:
+        write_result(args.json, result, quiet=True)
+
     for part, fn in (
         (
             "compare",
             lambda: [] if args.memory_only else compare(steps, device, info["peak_tflops"]),
         ),
         ("largest_batch", lambda: None if args.memory_only else largest_batch(steps, device)),
-        ("memory", lambda: memory(args, child)),
+        ("memory", lambda: memory(args, child, result.setdefault("memory", []), save)),
     ):
         try:
             result[part] = fn()
