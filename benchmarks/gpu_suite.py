@@ -14,7 +14,7 @@ against diffusers' pipeline), ``lora_step`` (a LoRA step against a full fine-tun
 fit a card: LoRA rank 32, full fine-tuning with checkpointing, Adafactor, 8-bit AdamW, the step
 in backward), ``eval_speed`` (``stage=eval``'s generation, Inception features and CLIP score
 in images/s, against torchmetrics' FID update), ``repa_step`` (U-REPA's step against the plain
-one, DINOv2 online and precomputed). Each part leaves ``<results>/<part>.json``; the markdown
+one, DINOv2 online and precomputed, and REPA-E's whole step). Each part leaves ``<results>/<part>.json``; the markdown
 (``docs/benchmarks/gpu.md``) is made from every JSON in the results folder, so a re-run of some
 parts keeps the others' figures. With ``$OUT`` set (the device tool), the markdown, the JSON and
 the logs are copied there too.
@@ -78,7 +78,7 @@ def parts() -> dict[str, Part]:
         "--clip ViT-B-32 --rounds 1 --device cpu"
     )
     repa_tiny = (
-        "benchmarks/repa_step.py --unet tiny --px 64 --batch 2 --dino tiny --resolution 56 "
+        "benchmarks/repa_step.py --unet tiny --vae tiny --px 64 --batch 2 --dino tiny --resolution 56 "
         "--steps 1 --rounds 1 --device cpu"
     )
     return {
@@ -138,7 +138,7 @@ def parts() -> dict[str, Part]:
             tiny_args=eval_tiny.split(),
         ),
         "repa_step": Part(
-            "U-REPA's cost: SD 1.5 at 256 px, plain against DINOv2 online and precomputed",
+            "Alignment's cost: SD 1.5 at 256 px, plain against U-REPA and REPA-E's whole step",
             ["benchmarks/repa_step.py"],
             timeout=120,
             needs=50,

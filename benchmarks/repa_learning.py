@@ -1,6 +1,8 @@
-"""Does U-REPA help? Plain stage 2 against ``repa=urepa`` at equal steps on the demo data,
-several seeds: prompt following of the samples (the demo's colour and position score) and the
-validation loss. Writes docs/benchmarks/repa.md; not a pass/fail test.
+"""Does representation alignment help? Plain stage 2 (the two-stage pipeline), ``repa=urepa``
+(two stages, the U-Net aligned) and ``stage=e2e`` (REPA-E: the stage-1 VAE tuned with a new
+U-Net through the alignment) at equal steps on the demo data, several seeds: prompt following of
+the samples (the demo's colour and position score) and the validation loss. Writes
+docs/benchmarks/repa.md; not a pass/fail test.
 
     .venv/bin/python benchmarks/repa_learning.py          # 2 seeds x (200, 600) steps, 32 px, CPU
     .venv/bin/python benchmarks/repa_learning.py --seeds 0,1,2 --steps 100,800
@@ -122,11 +124,18 @@ def _tokens(net, prep, images):
     return net(pixel_values=x).last_hidden_state[:, 1:]
 
 
-def stage2(root: str, vae: str, seed: int, steps: int, encoder: str | None) -> dict:
+ARMS = {"plain stage 2": "plain", "repa=urepa": "urepa", "stage=e2e (REPA-E)": "e2e"}
+
+
+def stage2(root: str, vae: str, seed: int, steps: int, encoder: str, arm: str) -> dict:
     from sd_lightning.commands.open import load_ldm
     from sd_lightning.commands.train import train
 
-    run = os.path.join(root, f"{'urepa' if encoder else 'plain'}-seed{seed}-steps{steps}")
+    run = os.path.join(root, f"{arm}-seed{seed}-steps{steps}")
+    done = os.path.join(run, "result.json")
+    if os.path.isfile(done):  # measured by an earlier, interrupted invocation
+        with open(done) as f:
+            return json.load(f)
     overrides = [
         *SMALL,
         "experiment=demo_ldm",
@@ -137,13 +146,13 @@ def stage2(root: str, vae: str, seed: int, steps: int, encoder: str | None) -> d
         "trainer.limit_val_batches=8",
         f"paths.data_dir={root}/data",
     ]
-    if encoder:
+    if arm != "plain":
         overrides += [
-            "repa=urepa",
+            *(["repa=urepa"] if arm == "urepa" else ["stage=e2e", "loss.perceptual=null"]),
             f"repa.encoder={encoder}",
             "repa.resolution=56",
             "repa.hidden=512",
-        ]
+        ]  # e2e: the demo VAE's loss (no LPIPS: a random VGG measures nothing), REPA-E's weights
     began = time.time()
     train(compose_config(overrides, run))
     seconds = time.time() - began
@@ -153,13 +162,16 @@ def stage2(root: str, vae: str, seed: int, steps: int, encoder: str | None) -> d
     images = system.sample_images(PROMPTS, steps=25, guidance=5.0, sampler="ddim")
     pixels = [((im.permute(1, 2, 0) + 1) * 127.5).clamp(0, 255).byte().numpy() for im in images]
     score = prompt_following(pixels, PROMPTS)
-    return {
+    result = {
         "val_loss": val[-1],
         "colour": score["color"][0],
         "position": score["position"][0],
         "n": score["color"][1],
         "seconds": seconds,
     }
+    with open(done, "w") as f:
+        json.dump(result, f)
+    return result
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -191,13 +203,13 @@ def main(argv: list[str] | None = None) -> None:
         )
     data = sorted(glob.glob(os.path.join(root, "data", "demo-*")))[0]
     encoder = os.path.join(root, "encoder")
-    accuracy = stand_in_encoder(data, encoder, args.encoder_steps)
+    accuracy = stand_in_encoder(data, encoder, args.encoder_steps)  # the same each time (seeded)
     print(f"stand-in encoder: {accuracy:.1%} of shape, colour and position right on the val shard")
     results = []
     for steps in [int(n) for n in args.steps.split(",")]:
         for seed in [int(n) for n in args.seeds.split(",")]:
-            for name, enc in (("plain stage 2", None), ("repa=urepa", encoder)):
-                r = stage2(root, vae, seed, steps, enc)
+            for name, arm in ARMS.items():
+                r = stage2(root, vae, seed, steps, encoder, arm)
                 colour, position = f"{r['colour']}/{r['n']}", f"{r['position']}/{r['n']}"
                 row = [name, steps, seed, r["val_loss"], colour, position, r["seconds"]]
                 results.append(row)
@@ -208,15 +220,20 @@ def main(argv: list[str] | None = None) -> None:
     cpu = device_info(torch.device("cpu"))
     doc = "\n".join(
         [
-            "# Does U-REPA help on the demo data?",
+            "# Does representation alignment help on the demo data?",
             "",
             f"`{command.strip()}` on {cpu['name']} ({cpu['cpu_count']} cores), torch {cpu['torch']}, "
             f"{time.strftime('%Y-%m-%d')}.",
             "",
-            "Plain stage 2 against `repa=urepa` (weight 0.5, no manifold loss) at equal steps "
-            f"({args.steps}) on the demo set at 32 px (the demo's recipe, `experiment=demo_ldm`), per seed. "
-            "Prompt following: the 12 demo prompts sampled with DDIM 25 steps, guidance 5, scored by "
-            "colour and position (chance 1/6 and 1/9). The validation loss is the last one logged.",
+            "Plain stage 2 (the two-stage pipeline), `repa=urepa` (weight 0.5, no manifold loss) "
+            "and `stage=e2e` (REPA-E from the same stage-1 VAE: alignment 1.5 in the VAE's step, "
+            "0.5 in the U-Net's; the demo VAE's loss, without LPIPS) at equal steps "
+            f"({args.steps}) on the demo set at 32 px (the demo's recipe, `experiment=demo_ldm`), per "
+            "seed; every U-Net starts from scratch. Prompt following: the 12 demo prompts sampled "
+            "with DDIM 25 steps, guidance 5, scored by colour and position (chance 1/6 and 1/9). "
+            "The validation loss is the last one logged; REPA-E's is on its own (tuned, "
+            "standardised) latents, so it compares across its seeds and lengths, not with the "
+            "others'.",
             "",
             f"The encoder aligned with is a stand-in (DINOv2's weights cannot be downloaded here): a "
             f"4-layer, 64-wide DINOv2 trained for {args.encoder_steps} steps to tell the demo images' "

@@ -1,10 +1,13 @@
-"""The cost of U-REPA in a stage-2 training step: the same U-Net, batch and loss, plain, with
-U-REPA running DINOv2 on the batch's images (``repa=urepa``), and with the features precomputed
-into the latent shards (``stage=encode repa=urepa``). DINOv2 ViT-B/14's architecture with random
-weights (the cost does not depend on them).
+"""The cost of representation alignment in a training step: the same U-Net, batch and loss,
+plain, with U-REPA running DINOv2 on the batch's images (``repa=urepa``), with the features
+precomputed into the latent shards (``stage=encode repa=urepa``), and REPA-E's whole step
+(``stage=e2e``: the VAE's step through the frozen U-Net's middle block with L1 + LPIPS + KL +
+PatchGAN, the discriminator's, then the U-Net's on the detached latents). DINOv2 ViT-B/14's and
+SD's VAE's architectures with random weights (the cost does not depend on them); the plain and
+U-REPA steps take stored latents, REPA-E's encodes the images.
 
     python benchmarks/repa_step.py                                 # SD 1.5 at 256 px on the GPU
-    python benchmarks/repa_step.py --unet tiny --px 64 --batch 2 --dino tiny --device cpu
+    python benchmarks/repa_step.py --unet tiny --vae tiny --px 64 --batch 2 --dino tiny --device cpu
 
 Steps are timed interleaved (median of rounds) after warm-up; on a GPU also the step's peak
 memory with the weights and optimizer state.
@@ -29,10 +32,14 @@ from harness import (  # noqa: E402
     step_memory,
     tensor_bytes,
     unet_preset,
+    vae_preset,
     write_result,
 )
 
+from sd_lightning.losses import AutoencoderLoss, build_lpips  # noqa: E402
+from sd_lightning.models import NLayerDiscriminator  # noqa: E402
 from sd_lightning.models.alignment import UNetAlignment, alignment_loss  # noqa: E402
+from sd_lightning.models.latent_norm import LatentNorm  # noqa: E402
 from sd_lightning.weights.vision import VisionEncoder  # noqa: E402
 
 DINO = {  # facebook/dinov2-base's config.json
@@ -92,10 +99,12 @@ def make_steps(args, device: torch.device) -> tuple[dict[str, Any], dict[str, in
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    e2e_step, e2e_resident = make_e2e_step(args, device, unet, head, encoder, images, ctx, t)
     steps = {
         "plain stage 2": lambda: step(opt_plain),
         "U-REPA, DINOv2 on the batch's images": lambda: step(opt_repa, online=True),
         "U-REPA, features precomputed (stage=encode)": lambda: step(opt_repa, features=stored),
+        E2E: e2e_step,
     }
     for fn in steps.values():  # warm-up, and the optimizer state exists
         fn()
@@ -109,8 +118,70 @@ def make_steps(args, device: torch.device) -> tuple[dict[str, Any], dict[str, in
         "U-REPA, features precomputed (stage=encode)": weights
         + tensor_bytes(head.parameters())
         + optimizer_bytes(opt_repa),
+        E2E: e2e_resident(),
     }
     return steps, resident
+
+
+E2E = "REPA-E (stage=e2e): VAE, discriminator and U-Net steps"
+
+
+def make_e2e_step(args, device, unet, head, encoder, images, ctx, t):
+    """REPA-E's step as ``systems/e2e.py`` takes it, on bare networks; and its resident bytes."""
+    vae = vae_preset(args.vae, args.px).to(device).train()
+    disc = NLayerDiscriminator(in_channels=3, ndf=64, n_layers=3, norm="batch")
+    lpips = build_lpips(trunk="random")
+    loss_fn = AutoencoderLoss(disc, lpips, disc_start=0, disc_weight=0.1, adaptive=False)
+    loss_fn = loss_fn.to(device)
+    norm = LatentNorm(vae.embed_dim).to(device)
+    opts = [
+        torch.optim.AdamW(vae.parameters(), lr=1e-4, weight_decay=0.0),
+        torch.optim.AdamW(disc.parameters(), lr=1e-4, weight_decay=0.0),
+        torch.optim.AdamW([*unet.parameters(), *head.parameters()], lr=1e-4, weight_decay=0.0),
+    ]
+    abar = torch.linspace(0.99, 0.01, 1000, device=device)
+    autocast = torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")
+
+    def noised(z, noise):
+        a = abar[t].view(-1, 1, 1, 1)
+        return a.sqrt() * z + (1 - a).sqrt() * noise
+
+    def e2e_step():
+        goal = encoder(images).float()
+        with autocast:
+            posterior = vae.encode(images)
+            z = posterior.sample().float()
+            recon = vae.decode(z)
+        noise = torch.randn_like(z)
+        unet.requires_grad_(False), head.requires_grad_(False), unet.eval(), norm.eval()
+        with autocast:
+            g_loss, _ = loss_fn.generator_loss(images, recon, posterior, 0)
+            middle = unet.middle_features(noised(norm(z), noise), t, ctx)
+            align = alignment_loss(head(middle, encoder.grid).float(), goal)
+        (g_loss + 1.5 * align).backward()
+        opts[0].step(), opts[0].zero_grad(set_to_none=True)
+        with autocast:
+            d_loss, _ = loss_fn.discriminator_loss(images, recon.detach(), 0)
+        d_loss.backward()
+        opts[1].step(), opts[1].zero_grad(set_to_none=True)
+        unet.requires_grad_(True), head.requires_grad_(True), unet.train(), norm.train()
+        caught = []
+        handle = unet.middle_block.register_forward_hook(lambda m, a, out: caught.append(out))
+        try:
+            with autocast:
+                zn = norm(z.detach())
+                loss = F.mse_loss(unet(noised(zn, noise), t, ctx).float(), noise)
+                loss = loss + 0.5 * alignment_loss(head(caught[-1], encoder.grid).float(), goal)
+        finally:
+            handle.remove()
+        loss.backward()
+        opts[2].step(), opts[2].zero_grad(set_to_none=True)
+
+    def resident() -> int:
+        nets = [unet, head, encoder, vae, disc, lpips]
+        return sum(tensor_bytes(n.parameters()) for n in nets) + sum(map(optimizer_bytes, opts))
+
+    return e2e_step, resident
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -118,6 +189,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--unet", default="sd15")
+    p.add_argument("--vae", default="sd", help="REPA-E's VAE preset (conf/vae/)")
     p.add_argument("--px", type=int, default=256)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--dino", default="base", choices=sorted(DINO))
@@ -143,6 +215,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "px": args.px,
         "batch": args.batch,
         "dino": args.dino,
+        "vae": args.vae,
         "resolution": args.resolution,
         "rows": rows,
         "device": device_info(device),
@@ -154,7 +227,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 def markdown(r: dict[str, Any]) -> str:
     header = [
-        f"U-Net {r['unet']}, {r['px']} px, batch {r['batch']}; DINOv2 {r['dino']} at {r['resolution']} px",
+        f"U-Net {r['unet']}, {r['px']} px, batch {r['batch']}; DINOv2 {r['dino']} at "
+        f"{r['resolution']} px; VAE {r.get('vae', 'sd')}",
         "ms / step",
         "time vs plain",
         "peak GiB",

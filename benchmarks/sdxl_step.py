@@ -235,6 +235,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         steps=args.steps, rounds=2, precision="bf16" if device.type == "cuda" else "fp32",
         ladder=f"{args.unet}:{args.px}:{args.compare_batch}",
     )  # fmt: skip
+
     def save() -> None:
         write_result(args.json, result, quiet=True)
 

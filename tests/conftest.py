@@ -82,6 +82,23 @@ def compose_config(overrides: list[str], output_dir: Path, data_dir: Path) -> Di
     return config.compose_config([f"paths.data_dir={data_dir}", *overrides], output_dir)
 
 
+def straight_and_resumed(overrides: list[str], root: Path, data_dir: Path, steps: int = 16):
+    """Train ``steps`` straight, and half of them then the rest resumed (stopped at the tiny
+    data's epoch end, 8 batches, where a resumed stream goes on exactly): both last checkpoints
+    and the two run folders."""
+    import torch
+
+    from sd_lightning.commands.train import train
+
+    through, resumed = root / "through", root / "resumed"
+    train(compose_config([*overrides, f"trainer.max_steps={steps}"], through, data_dir))
+    train(compose_config([*overrides, f"trainer.max_steps={steps // 2}"], resumed, data_dir))
+    train(compose_config([*overrides, f"trainer.max_steps={steps}"], resumed, data_dir))
+    a = torch.load(through / "checkpoints" / "last.ckpt", weights_only=True)
+    b = torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=True)
+    return a, b, through, resumed
+
+
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory) -> Path:
     """A session-wide data folder (the tiny demo set is generated once into it)."""

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import LDM_TINY, compose_config
+from conftest import LDM_TINY, compose_config, straight_and_resumed
 
 from sd_lightning.core.errors import InputError
 from sd_lightning.models.alignment import UNetAlignment, alignment_loss, manifold_loss
@@ -85,6 +85,67 @@ def test_dinov2_folders_give_the_patch_tokens_as_repa_prepares_them(dino_folders
     assert torch.allclose(tokens, expected, atol=1e-5)
 
 
+TIMM_KW = dict(embed_dim=48, depth=2, num_heads=3, mlp_ratio=3.0, init_values=0.5)  # not ViT-B's
+
+
+@pytest.mark.parametrize(
+    "name,registers,layout",
+    [("vit_small_patch14_dinov2", 0, "pth"), ("vit_small_patch14_reg4_dinov2", 4, "safetensors")],
+)
+def test_dinov2_weight_files_are_read_through_timm(tmp_path, name, registers, layout):
+    """A weights file (timm's layout, or the original release's .pth with its mask token) read
+    by timm at the alignment's grid: the patch tokens equal timm's own model's on images
+    prepared as REPA prepares them, the position embeddings resampled from a 7 x 7 grid."""
+    import timm
+    from safetensors.torch import save_file
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    from sd_lightning.weights.vision import MEAN, STD, VisionEncoder
+
+    torch.manual_seed(0)
+    source = timm.create_model(name, pretrained=False, num_classes=0, img_size=98, **TIMM_KW)
+    state = source.state_dict()
+    if layout == "pth":
+        state = {**state, "mask_token": torch.zeros(1, 48)}
+        path = tmp_path / "dinov2_vits14_pretrain.pth"
+        torch.save(state, path)
+    else:
+        path = tmp_path / "model.safetensors"
+        save_file(state, str(path))
+    encoder = VisionEncoder(str(path), resolution=56, timm_model=name, timm_kwargs=TIMM_KW)
+    assert encoder.grid == (4, 4) and encoder.dim == 48 and encoder.registers == registers
+    images = torch.rand(2, 3, 40, 40) * 2 - 1
+    tokens = encoder(images)
+    assert tokens.shape == (2, 16, 48)
+    reference = timm.create_model(name, pretrained=False, num_classes=0, img_size=56, **TIMM_KW)
+    reference.load_state_dict(checkpoint_filter_fn(dict(state), reference))
+    x = ((images + 1) / 2 - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(
+        1, 3, 1, 1
+    )
+    x = F.interpolate(x, size=(56, 56), mode="bicubic", align_corners=False)
+    with torch.no_grad():
+        expected = reference.eval().forward_features(x)[:, 1 + registers :]
+    assert torch.allclose(tokens, expected, atol=1e-5)
+    wider = {**TIMM_KW, "embed_dim": 60, "num_heads": 4}
+    with pytest.raises(InputError, match="does not fit vit_small"):
+        VisionEncoder(str(path), resolution=56, timm_model=name, timm_kwargs=wider)
+    deeper = {**TIMM_KW, "depth": 3}
+    with pytest.raises(InputError, match="weights missing"):
+        VisionEncoder(str(path), resolution=56, timm_model=name, timm_kwargs=deeper)
+
+
+def test_a_weights_file_that_holds_no_vit_is_refused(tmp_path, vae_ckpt):
+    from safetensors.torch import save_file
+
+    from sd_lightning.weights.vision_timm import check_vit_file
+
+    path = tmp_path / "vae.safetensors"
+    state = torch.load(vae_ckpt, weights_only=True)["state_dict"]
+    save_file({k[12:]: v for k, v in state.items() if k.startswith("autoencoder.")}, str(path))
+    with pytest.raises(InputError, match="holds a VAE, not a ViT's weights"):
+        check_vit_file(str(path))
+
+
 def test_an_encoder_folder_of_another_kind_or_none_is_refused(tmp_path, dino_folders):
     from sd_lightning.weights.vision import VisionEncoder
 
@@ -124,7 +185,6 @@ def test_urepa_trains_resumes_exactly_exports_and_samples_without_the_encoder(
     tmp_path, data_dir, vae_ckpt, dino_folders
 ):
     from sd_lightning.commands.open import load_ldm
-    from sd_lightning.commands.train import train
 
     overrides = [
         *LDM_TINY,
@@ -136,13 +196,7 @@ def test_urepa_trains_resumes_exactly_exports_and_samples_without_the_encoder(
         "trainer.val_check_interval=4",
         "callbacks.model_checkpoint.every_n_train_steps=4",
     ]
-    through, resumed = tmp_path / "through", tmp_path / "resumed"
-    # stopped at the epoch's end (8 batches): a resumed stream goes on exactly from there
-    train(compose_config([*overrides, "trainer.max_steps=16"], through, data_dir))
-    train(compose_config([*overrides, "trainer.max_steps=8"], resumed, data_dir))
-    train(compose_config([*overrides, "trainer.max_steps=16"], resumed, data_dir))
-    a = torch.load(through / "checkpoints" / "last.ckpt", weights_only=True)
-    b = torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=True)
+    a, b, through, resumed = straight_and_resumed(overrides, tmp_path, data_dir)
     aligner = [k for k in a["state_dict"] if k.startswith("aligner.")]
     assert aligner and b["global_step"] == a["global_step"] == 16
     for key, value in a["state_dict"].items():  # the projector and the U-Net: bit for bit

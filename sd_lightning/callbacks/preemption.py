@@ -7,8 +7,9 @@ directory and resumes from that checkpoint (``ckpt_path=auto``). A second Ctrl-C
 without a checkpoint.
 
 The signal handler only sets a flag: saving inside a handler could interrupt a collective or an
-optimizer step half-way. After each training batch the ranks all-reduce the flag (one small
-collective), so a signal seen by any rank stops every rank at the same step. Lightning's own SLURM
+optimizer step half-way. One process acts on it after the batch; several all-reduce the flag
+after each training batch (one small collective), so a signal seen by any rank stops every rank
+at the same step. Lightning's own SLURM
 handlers (checkpoint and ``scontrol requeue`` inside the handler, a broadcast inside the SIGTERM
 handler) and its Ctrl-C handling (stop without a checkpoint) are replaced for the duration of
 ``fit``. Data-loading workers ignore SIGINT (a terminal's Ctrl-C reaches them too) and carry on
@@ -119,9 +120,16 @@ class Preemption(L.Callback):
         self._previous = {}
 
     # -- the agreed stop ---------------------------------------------------------------------------
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
+    def _agreed(self, trainer: L.Trainer) -> bool:
+        """Whether any rank has received a signal: one process decides alone (no collective,
+        nothing read back from the device); several all-reduce the flag after every batch."""
+        if trainer.world_size == 1:
+            return self.received is not None
         local = torch.tensor(self.received is not None)
-        if not trainer.strategy.reduce_boolean_decision(local, all=False):
+        return bool(trainer.strategy.reduce_boolean_decision(local, all=False))
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
+        if not self._agreed(trainer):
             return
         folder = checkpoint_folder(trainer)
         path = os.path.join(folder, self.filename.format(step=trainer.global_step))

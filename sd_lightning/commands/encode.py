@@ -43,10 +43,11 @@ def encode(cfg: DictConfig) -> dict[str, Any]:
         check_repa(cfg)  # repa=urepa: the encoder's features stored, so training does not run it
         from sd_lightning.weights.vision import VisionEncoder
 
-        random_config = (
-            OmegaConf.to_container(repa.random_config) if repa.get("random_config") else None
-        )
-        vision = VisionEncoder(str(repa.encoder), int(repa.resolution), random_config)
+        plain = OmegaConf.to_container(repa, resolve=True)
+        vision = VisionEncoder(
+            str(repa.encoder), int(repa.resolution), plain.get("random_config"),
+            plain.get("timm_model"), plain.get("timm_kwargs"),
+        )  # fmt: skip
     system = EncodeSystem(vae, text_encoder, dtype=str(cfg.dtype), vision=vision)
 
     datamodule = instantiate(cfg.data, val_shards=0)

@@ -126,6 +126,17 @@ def release_of(cfg: DictConfig) -> tuple[Any, str]:
         image_size=system._image_size(),
         size_embed_dim=system.conditioner.size_dim or SIZE_EMBED_DIM,
     )
+    norm = getattr(system, "latent_norm", None)
+    if norm is not None:  # stage=e2e: standardised latents, folded into the VAE at SD's scale
+        from sd_lightning.models.latent_norm import fold_into_vae
+
+        release.latent_scale = LATENT_SCALES.get(release.family or "sd1", LATENT_SCALE)
+        release.vae = fold_into_vae(system.vae, *norm.mean_std(), release.latent_scale)
+        log.info(
+            "REPA-E's latent normalisation (per-channel mean and std) folded into the VAE's "
+            "quant_conv and post_quant_conv: the files sample at the standard latent scale %s",
+            release.latent_scale,
+        )
     return release, which
 
 

@@ -50,7 +50,7 @@ VAE_HINT = (
 )
 
 
-def read_checkpoint(path: str, stage: str, key: str, hint: str) -> dict[str, Any]:
+def read_checkpoint(path: str, stage: str | tuple[str, ...], key: str, hint: str) -> dict[str, Any]:
     """``torch.load`` a Lightning checkpoint of ``stage`` (``key`` names the config option that
     gave ``path``, for the error messages); a sharded one (a folder, ``trainer=fsdp``) is
     gathered into one process, weights only (no optimizer state)."""
@@ -161,7 +161,7 @@ def load_ldm(
     textual inversion) takes its base from where it was trained, or ``base`` (it moved)."""
     if not check_sampling_source(str(path)):
         return load_sd_system(str(path), key, prediction, "auto" if use_ema else False)
-    checkpoint = read_checkpoint(path, "ldm", key, LDM_HINT)
+    checkpoint = read_checkpoint(path, ("ldm", "e2e"), key, LDM_HINT)
     meta = checkpoint["sd_lightning"]
     config = upgraded(meta["config"])
     partial = "base" in meta  # a LoRA's checkpoint: the base weights (and VAE) from their files
@@ -181,13 +181,17 @@ def load_ldm(
         )
     model_cfg: dict[str, Any] = dict(config["model"])
     model_cfg.pop("repa", None)  # sampling needs neither the alignment's projector nor encoder
+    tuned = meta["stage"] == "e2e"  # REPA-E: the VAE tuned with the U-Net, in the checkpoint
+    if tuned:  # nor the VAE's loss, discriminator or optimizers
+        model_cfg.update(loss=None, vae_optimizer=None, disc_optimizer=None)
     if not partial:
         model_cfg["vae"] = {"_target_": "sd_lightning.models.AutoencoderKL", **meta["vae_config"]}
     system = instantiate(OmegaConf.create(model_cfg))
     if partial:
         pretrained.load(system, OmegaConf.create(config), resume=None)
         check_base(meta["base"], system.base_reference, where, "base")
-    state = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(ALIGNER)}
+    skip = (ALIGNER, "loss.") if tuned else (ALIGNER,)
+    state = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(skip)}
     system.load_state_dict(state, strict=not partial)
     system.run_config = config
     return system.eval()

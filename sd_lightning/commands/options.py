@@ -243,7 +243,9 @@ def check_training_options(cfg: DictConfig) -> None:
     if first.get("random_text_cfg") is not None:
         context = first.random_text_cfg.get("context_length")
     check_finetune_options(cfg.get("finetune"), context)
-    if cfg.get("stage") == "ldm":
+    if cfg.get("stage") == "e2e":
+        check_e2e(cfg)
+    if cfg.get("stage") in ("ldm", "e2e"):
         check_text_layer(text)
         check_model_options(cfg.get("model"))
         optimizer = (cfg.get("model") or {}).get("optimizer") or {}
@@ -251,6 +253,27 @@ def check_training_options(cfg: DictConfig) -> None:
         if optimizer.get("step_in_backward"):
             check_step_in_backward(cfg.trainer)
         check_repa(cfg)
+
+
+def check_e2e(cfg: DictConfig) -> None:
+    """``stage=e2e``: images to train the VAE on, an alignment to train it through."""
+    data = str((cfg.get("data") or {}).get("_target_", ""))
+    if data.endswith("LatentDataModule"):
+        raise InputError(
+            "stage=e2e trains the VAE, so it reads images: data=webdataset or data=folder, not "
+            "data=latents (stored latents are those of the VAE before tuning)"
+        )
+    if not cfg.get("repa"):
+        raise InputError(
+            "stage=e2e tunes the VAE through the alignment loss: keep repa=urepa (the stage's "
+            "default) and give repa.encoder=/path/to/dinov2-base"
+        )
+    model = cfg.get("model") or {}
+    if float(model.get("vae_align_weight", 0)) < 0:
+        raise InputError(f"model.vae_align_weight={model.vae_align_weight}: give a number >= 0")
+    norm = model.get("latent_norm") or {}
+    if not 0 < float(norm.get("momentum", 0.1)) <= 1:
+        raise InputError(f"model.latent_norm.momentum={norm.momentum}: give a number in (0, 1]")
 
 
 def check_repa(cfg: DictConfig) -> None:
@@ -268,10 +291,15 @@ def check_repa(cfg: DictConfig) -> None:
         if not _number(value) or not math.isfinite(value) or value < 0:
             raise InputError(f"repa.{key}={value!r}: give a number >= 0")
     whole(repa.get("resolution"), "repa.resolution", 14, "224")
-    if str(repa.encoder) != "random":
+    encoder = str(repa.encoder)
+    if os.path.isfile(encoder):  # a weights file for timm: a ViT's, from its header
+        from sd_lightning.weights.vision_timm import check_vit_file
+
+        check_vit_file(encoder)
+    elif encoder != "random":
         from sd_lightning.weights.vision import read_config
 
-        read_config(str(repa.encoder))  # a missing folder or another model: now, not at step 1
+        read_config(encoder)  # a missing folder or another model: now, not at step 1
     strategy = (cfg.get("trainer") or {}).get("strategy")
     if "FSDP2Strategy" in str(strategy):
         raise InputError(

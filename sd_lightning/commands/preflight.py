@@ -68,13 +68,21 @@ def check_training(cfg: DictConfig) -> None:
             "a fine-tuning method (finetune=...) trains on base weights: give pretrained=... "
             "(Stable Diffusion weights, a single file or a diffusers folder)"
         )
-    if cfg.get("stage") == "ldm":
+    stage = cfg.get("stage")
+    if stage in ("ldm", "e2e"):
         check_component_files(cfg)
-    if cfg.get("stage") == "ldm" and not cfg.get("vae_ckpt") and not cfg.get("pretrained"):
+    sources = [cfg.get(k) for k in ("vae_ckpt", "pretrained", "ldm_ckpt")]
+    if stage in ("ldm", "e2e") and not any(sources):
         raise InputError(
-            "stage=ldm needs vae_ckpt=... (a stage=vae run's checkpoints/last.ckpt, or Stable "
-            "Diffusion's VAE) or pretrained=... (Stable Diffusion weights to fine-tune)"
+            f"stage={stage} needs vae_ckpt=... (a stage=vae run's checkpoints/last.ckpt, or "
+            "Stable Diffusion's VAE) or pretrained=... (Stable Diffusion weights"
+            + (" to fine-tune)" if stage == "ldm" else "), or ldm_ckpt=... (a stage=ldm run's)")
         )
+    if stage == "e2e" and cfg.get("ldm_ckpt"):  # a whole stage-2 checkpoint, not another file
+        from sd_lightning.weights.files import read_weight_file
+
+        found = read_weight_file(str(cfg.ldm_ckpt), "ldm_ckpt", LDM_HINT, mmap=True)
+        found.require_stage("ldm", exports=False)
     check_run_dir(cfg.paths.output_dir, ckpt_path)
     if ckpt_path == "auto":
         check_resumed_run(cfg)
@@ -292,5 +300,5 @@ def check_sampling_source(path: str) -> bool:
     found = read_weight_file(path, "ckpt", LDM_HINT, mmap=True)
     if found.stage is None:
         return False
-    found.require_stage("ldm", exports=False)
+    found.require_stage(("ldm", "e2e"), exports=False)  # e2e: a U-Net with its tuned VAE
     return True

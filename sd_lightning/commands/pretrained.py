@@ -53,12 +53,14 @@ def configure(cfg: DictConfig) -> None:
     if not os.path.exists(path):
         raise InputError(f"pretrained={path!r} does not exist: give {HINT}")
     with open_dict(cfg):
-        if cfg.stage == "ldm":
+        if cfg.stage in ("ldm", "e2e"):  # e2e: the U-Net, VAE and text encoder to tune
             _configure_ldm(cfg, path)
         elif cfg.stage == "vae":
             _configure_vae(cfg, path)
         else:
-            raise InputError(f"pretrained= is for stage=ldm and stage=vae, not stage={cfg.stage}")
+            raise InputError(
+                f"pretrained= is for stage=ldm, stage=vae and stage=e2e, not stage={cfg.stage}"
+            )
 
 
 def _configure_ldm(cfg: DictConfig, path: str) -> None:

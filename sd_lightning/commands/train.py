@@ -19,7 +19,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from omegaconf import DictConfig, OmegaConf
 
 from sd_lightning.callbacks import Preemption
-from sd_lightning.commands import pretrained
+from sd_lightning.commands import e2e_start, pretrained
 from sd_lightning.commands.preflight import check_training, require
 from sd_lightning.commands.resume import resolve_ckpt_path
 from sd_lightning.core import stopping
@@ -43,6 +43,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     check_training(cfg)
     stopping.reset()  # a new command (tests run several in one process)
     pretrained.configure(cfg)  # pretrained=: the networks' shapes from the weights
+    e2e_start.configure(cfg)  # stage=e2e ldm_ckpt=: the U-Net's config from that run
     checkpoint_dir = os.path.join(cfg.paths.output_dir, "checkpoints")
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
@@ -63,6 +64,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     sharded = isinstance(trainer.strategy, ModelParallelStrategy)  # trainer=fsdp
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), checkpoint_dir, sharded, cfg.get("stage"))
     pretrained.load(system, cfg, ckpt_path)  # pretrained=: its weights, unless resuming
+    e2e_start.load(system, cfg, ckpt_path)
     try:  # signals are recorded from here: a phase before the first step stops too
         with stopping.handling():
             trainer.fit(system, datamodule=datamodule, ckpt_path=ckpt_path)
@@ -114,6 +116,9 @@ def export_weights(
         text = {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
         save_safetensors(state, path, metadata=text)
         paths.append(path)
+    folders = getattr(system, "export_folders", None)  # stage=e2e: the VAE as diffusers reads it
+    if folders is not None:
+        paths += folders(os.path.join(output_dir, "export"))
     readers = getattr(getattr(system, "finetune", None), "readers", None) or {}
     for stem in files:
         if stem in readers:

@@ -21,6 +21,7 @@
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import Sequence
 
 import torch
@@ -202,9 +203,12 @@ class Conditioner(nn.Module):
         """Each caption replaced by "" with probability ``caption_dropout``."""
         if self.caption_dropout <= 0:
             return captions
-        device = generator.device if generator is not None else "cpu"
-        drop = torch.rand(len(captions), generator=generator, device=device) < self.caption_dropout
-        return ["" if d else c for c, d in zip(captions, drop.tolist())]
+        if generator is None:  # the global generator (outside a training step)
+            draws = torch.rand(len(captions)).tolist()
+        else:  # on the host, from the step's seed: a GPU draw read back makes the host wait
+            host = random.Random(generator.initial_seed())
+            draws = [host.random() for _ in captions]
+        return ["" if d < self.caption_dropout else c for c, d in zip(captions, draws)]
 
 
 def _size_dim(text_encoder: nn.Module, vector_dim: int | None) -> int:

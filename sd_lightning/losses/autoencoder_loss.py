@@ -74,6 +74,9 @@ class AutoencoderLoss(nn.Module):
             Learned, it falls as the reconstruction error falls, scaling the reconstruction term
             up by ``exp(-logvar)`` and so weakening the KL term relative to it (5-20x over a run).
         max_adaptive_weight: clamp for the adaptive weight.
+        adaptive: balance the adversarial gradient against the reconstruction's at the decoder's
+            last layer (Taming's adaptive weight, SD's VAE); ``False``: the adversarial term is
+            weighted by ``disc_weight`` alone (REPA-E's VAE loss).
     """
 
     def __init__(
@@ -91,6 +94,7 @@ class AutoencoderLoss(nn.Module):
         logvar_init: float = 0.0,
         max_adaptive_weight: float = 1e4,
         learn_logvar: bool = False,
+        adaptive: bool = True,
     ):
         super().__init__()
         if disc_loss not in D_LOSSES:
@@ -113,6 +117,7 @@ class AutoencoderLoss(nn.Module):
         self.disc_factor = disc_factor
         self.d_loss_fn = D_LOSSES[disc_loss]
         self.max_adaptive_weight = max_adaptive_weight
+        self.adaptive = adaptive
 
     def disc_active(self, step: int) -> bool:
         return self.disc_factor > 0 and step >= self.disc_start
@@ -150,7 +155,9 @@ class AutoencoderLoss(nn.Module):
         g_loss, d_weight = zero, zero
         if self.disc_active(step):
             g_loss = -self.discriminator(recon).float().mean()
-            if last_layer is not None and torch.is_grad_enabled():
+            if not self.adaptive:
+                d_weight = torch.full((), float(self.disc_weight), device=inputs.device)
+            elif last_layer is not None and torch.is_grad_enabled():
                 d_weight = self.disc_weight * adaptive_weight(
                     nll, g_loss, last_layer, self.max_adaptive_weight
                 )

@@ -217,6 +217,20 @@ class UNetModel(nn.Module):
     def forward(
         self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None = None
     ) -> torch.Tensor:
+        h, emb, context, skips = self._down(x, t, context, y)
+        ckpt = self.gradient_checkpointing and self.training
+        for block in self.output_blocks:
+            h = block(torch.cat([h, skips.pop()], dim=1), emb, context, ckpt)
+        return self.out(h)
+
+    def middle_features(
+        self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The middle block's output, the up path not run (REPA-E's VAE step aligns only this)."""
+        return self._down(x, t, context, y)[0]
+
+    def _down(self, x, t, context, y):
+        """The down path and the middle block: ``(h, emb, context, skips)``."""
         if x.shape[-1] % self.downsample_factor or x.shape[-2] % self.downsample_factor:
             raise ValueError(
                 f"latent size {tuple(x.shape[-2:])} is not divisible by the U-Net's "
@@ -240,9 +254,7 @@ class UNetModel(nn.Module):
             h = block(h, emb, context, ckpt)
             skips.append(h)
         h = self.middle_block(h, emb, context, ckpt)
-        for block in self.output_blocks:
-            h = block(torch.cat([h, skips.pop()], dim=1), emb, context, ckpt)
-        return self.out(h)
+        return h, emb, context, skips
 
 
 def _plain(depth: int | Sequence[int]) -> int | list[int]:

@@ -30,8 +30,9 @@ class AlignmentMixin:
         if not repa:
             return
         encoder = VisionEncoder(
-            str(repa.get("encoder")), int(repa.get("resolution", 224)), repa.get("random_config")
-        )
+            str(repa.get("encoder")), int(repa.get("resolution", 224)), repa.get("random_config"),
+            repa.get("timm_model"), repa.get("timm_kwargs"),
+        )  # fmt: skip
         config = self.unet.config
         channels = int(config["model_channels"]) * int(config["channel_mult"][-1])  # the middle
         self.aligner = UNetAlignment(channels, encoder.dim, int(repa.get("hidden", 2048)))
@@ -54,10 +55,34 @@ class AlignmentMixin:
         finally:
             handle.remove()
 
-    def alignment_term(self, batch: dict, caught: list[torch.Tensor]) -> torch.Tensor | float:
-        """``weight x (alignment + manifold_weight x manifold)`` of the caught features."""
+    def alignment_term(
+        self,
+        batch: dict,
+        caught: list[torch.Tensor],
+        target: torch.Tensor | None = None,
+        weight: float | None = None,
+        tag: str = "repa",
+    ) -> torch.Tensor | float:
+        """``weight x (alignment + manifold_weight x manifold)`` of the caught features (by
+        default ``repa.weight``), against ``target`` (by default :meth:`alignment_target`);
+        logged as ``train/<tag>_align``."""
         if self.aligner is None:
             return 0.0
+        target = self.alignment_target(batch) if target is None else target
+        predicted = self.aligner(caught[-1], self.vision.net.grid)
+        align = alignment_loss(predicted, target.float())
+        bs = len(target)
+        self.log(f"train/{tag}_align", align, batch_size=bs)
+        total = align
+        if self.manifold_weight:
+            manifold = manifold_loss(predicted, target.float())
+            self.log(f"train/{tag}_manifold", manifold, batch_size=bs)
+            total = total + self.manifold_weight * manifold
+        return (self.repa_weight if weight is None else weight) * total
+
+    def alignment_target(self, batch: dict) -> torch.Tensor:
+        """The frozen encoder's patch features of the batch's images (tokens x dim each), or
+        those the latent shards stored."""
         target = batch.get("repa_features")  # latent shards encoded with repa=urepa
         if target is None:
             images = batch.get("image")
@@ -75,13 +100,4 @@ class AlignmentMixin:
                 f"and repa.encoder gives {(grid[0] * grid[1], self.vision.net.dim)}: encode with "
                 "the same repa.encoder and repa.resolution as training"
             )
-        predicted = self.aligner(caught[-1], grid)
-        align = alignment_loss(predicted, target.float())
-        bs = len(target)
-        self.log("train/repa_align", align, batch_size=bs)
-        total = align
-        if self.manifold_weight:
-            manifold = manifold_loss(predicted, target.float())
-            self.log("train/repa_manifold", manifold, batch_size=bs)
-            total = total + self.manifold_weight * manifold
-        return self.repa_weight * total
+        return target

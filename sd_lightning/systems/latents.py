@@ -58,8 +58,10 @@ class LatentsMixin:
     def _scaled_latents(self, posterior: DiagonalGaussian, generator=None) -> torch.Tensor:
         z = posterior.sample(generator) if self.sample_posterior else posterior.mode()
         z = z.float()
-        if torch.isnan(self.latent_scale):
-            self._estimate_latent_scale(z)
+        if not getattr(self, "_scale_known", False):  # read once, not every step (a GPU wait)
+            if torch.isnan(self.latent_scale):
+                self._estimate_latent_scale(z)
+            self._scale_known = True
         return z * self.latent_scale
 
     def _estimate_latent_scale(self, z: torch.Tensor) -> None:

@@ -100,6 +100,7 @@ class LatentDiffusionSystem(
     """
 
     checkpoint_stage = STAGE
+    not_hyperparameters = NOT_HYPERPARAMETERS
     resume_fix = (
         "ckpt_path resumes only from a stage-2 checkpoint (checkpoints/last.ckpt of a stage=ldm "
         "run); a stage-1 checkpoint goes in vae_ckpt="
@@ -155,7 +156,7 @@ class LatentDiffusionSystem(
             )
         # plain containers (Hydra passes DictConfigs), so checkpoints load with weights_only=True
         schedule, val_sampler = _plain(schedule or {}), _plain(val_sampler or {})
-        self.save_hyperparameters(ignore=NOT_HYPERPARAMETERS)
+        self.save_hyperparameters(ignore=self.not_hyperparameters)
         self.finetune = finetune or None  # finetune=none composes to an empty node
         if self.finetune is not None:
             unet = self.finetune.apply(unet)
@@ -294,7 +295,7 @@ class LatentDiffusionSystem(
             loss = self.diffusion_loss(self.unet, z, conditions, t, noise, batch.get("loss_weight"))
         loss = loss + self.alignment_term(batch, middle)
         bs = z.shape[0]
-        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        self.log("train/loss", loss, batch_size=bs)  # shown by callbacks.ProgressBar
         self.log_skipped()
         return loss
 

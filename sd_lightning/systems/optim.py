@@ -148,3 +148,13 @@ class StepInBackward(torch.optim.Optimizer):
         super().load_state_dict({k: v for k, v in state_dict.items() if k != "per_parameter"})
         for optimizer, state in zip(self.optimizers, inner):
             optimizer.load_state_dict(state)
+
+
+def clipped_step(system: Any, optimizer: Any, clip: float | None) -> None:
+    """Manual optimization's step of one optimizer (stage 1, REPA-E): its gradients' norm
+    clipped to ``clip`` (``None``/0: not clipped) through Lightning, the step, the gradients
+    dropped."""
+    if clip:
+        system.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm="norm")
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)

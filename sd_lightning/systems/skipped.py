@@ -32,14 +32,14 @@ class SkippedSamplesMixin(L.LightningModule):
         """Cumulative counts summed over ranks (one all-reduce, on every rank)."""
         local = self._skipped.to(self.device, torch.float32)
         total = self.trainer.strategy.reduce(local, reduce_op="sum")
-        self._skipped_total = total.round().long().cpu()
+        self._skipped_total = total.round().long()  # on the device: read at checkpoints only
         self.log_dict(
             {f"data/skipped_{r}": total[i] for i, r in enumerate(SKIP_REASONS)}, batch_size=1
         )
         self.log("data/skipped", total.sum(), batch_size=1)
 
     def skipped_state(self) -> dict[str, int]:
-        return {r: int(n) for r, n in zip(SKIP_REASONS, self._skipped_total)}
+        return dict(zip(SKIP_REASONS, self._skipped_total.tolist()))
 
     def restore_skipped(self, checkpoint: dict[str, Any]) -> None:
         """Rank 0 carries the saved total on; the others start from zero, so sums stay right."""

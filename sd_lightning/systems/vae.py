@@ -21,6 +21,7 @@ from sd_lightning.losses.autoencoder_loss import AutoencoderLoss
 from sd_lightning.models.autoencoder import AutoencoderKL
 from sd_lightning.models.parallel import full_state_dict
 from sd_lightning.systems.images import log_image, pairs_grid
+from sd_lightning.systems.optim import clipped_step
 from sd_lightning.systems.rng import StepSeededMixin
 from sd_lightning.systems.stage import StageCheckpointMixin
 
@@ -172,12 +173,7 @@ class VAESystem(StepSeededMixin, StageCheckpointMixin):
         self.log_skipped()
 
     def _step(self, optimizer) -> None:
-        if self.gradient_clip_val:
-            self.clip_gradients(
-                optimizer, gradient_clip_val=self.gradient_clip_val, gradient_clip_algorithm="norm"
-            )
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        clipped_step(self, optimizer, self.gradient_clip_val)
 
     def _step_schedulers(self, disc_stepped: bool) -> None:
         schedulers = self.lr_schedulers()

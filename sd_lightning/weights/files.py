@@ -105,15 +105,18 @@ class WeightFile:
     def error(self, problem: str, advice: str = "") -> WeightFileError:
         return WeightFileError(self.option, self.path, problem, self.expected, advice)
 
-    def require_stage(self, stage: str, exports: bool = True) -> None:
-        """Refuse a file not written by ``stage``, or (``exports=False``) a safetensors export
-        where the option needs a whole checkpoint."""
+    def require_stage(self, stage: str | tuple[str, ...], exports: bool = True) -> None:
+        """Refuse a file not written by ``stage`` (or one of them), or (``exports=False``) a
+        safetensors export where the option needs a whole checkpoint."""
         found = self.stage
         what = "an export" if self.kind == "safetensors" else "a checkpoint"
         if found is None:
             raise self.error(f"is {what} without sd_lightning's stage record (not one of ours)")
-        if found != stage:
-            raise self.error(f"is {what} of stage {found!r}, not stage {stage!r}")
+        stages = (stage,) if isinstance(stage, str) else tuple(stage)
+        if found not in stages:
+            wanted = " or ".join(repr(s) for s in stages)
+            raise self.error(f"is {what} of stage {found!r}, not stage {wanted}")
+        stage = found
         if self.kind == "safetensors" and not exports:
             raise self.error(
                 f"is the weights-only export of a stage={stage} run, not its checkpoint"

@@ -257,6 +257,32 @@ def scheduler_config(release: Release) -> dict[str, Any]:
     }
 
 
+def write_diffusers_vae(
+    vae: torch.nn.Module,
+    folder: str,
+    latents_mean: list[float],
+    latents_std: list[float],
+    image_size: int,
+    dtype: torch.dtype = torch.float32,
+) -> None:
+    """``vae`` as diffusers' ``AutoencoderKL`` folder whose latents are standardised per channel
+    (REPA-E's): ``latents_mean`` and ``latents_std`` in its config, ``scaling_factor`` 1, so a
+    reader computes ``(z - mean) / std`` before the U-Net and ``z x std + mean`` before decoding."""
+    config = vae.config
+    state, _ = layouts.convert(vae.state_dict(), layouts.vae_blocks(config), to_diffusers=True)
+    vae_d = {
+        **configs.vae_diffusers_config(config),
+        "sample_size": image_size,
+        "scaling_factor": 1.0,
+        "latents_mean": [float(v) for v in latents_mean],
+        "latents_std": [float(v) for v in latents_std],
+    }
+    head = {"_class_name": "AutoencoderKL", "_diffusers_version": DIFFUSERS_VERSION}
+    _json(os.path.join(folder, "config.json"), {**head, **vae_d})
+    path = os.path.join(folder, "diffusion_pytorch_model.safetensors")
+    save_safetensors(_cast(state, dtype), path, metadata={"format": "pt"})
+
+
 def write_diffusers(release: Release, folder: str, dtype: torch.dtype) -> list[str]:
     """Write ``release`` as a diffusers ``StableDiffusionPipeline`` folder; returns what is
     missing (then ``null`` in ``model_index.json``: pass it to ``from_pretrained``)."""
