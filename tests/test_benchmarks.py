@@ -54,7 +54,7 @@ def test_every_part_runs_and_the_markdown_has_its_figures(suite):
         "Fine-tuning",
         "SDXL at 1024 px",
         "stage=eval at 512 px",
-        "U-REPA's cost",
+        "Alignment's cost",
     )
     for title in titles:
         assert f"## {title}" in md
@@ -136,12 +136,13 @@ def test_the_eval_part_measures_each_stage_against_torchmetrics(suite):
     assert len(used) == 3 and 0 < result["images_per_s"] < min(used)  # the three stage=eval runs
 
 
-def test_the_repa_part_times_both_ways_against_the_plain_step(suite):
+def test_the_repa_part_times_every_way_against_the_plain_step(suite):
     tmp, _ = suite
     rows = {name: (ms, ratio) for name, ms, ratio, _ in _json(tmp, "repa_step")["rows"]}
     assert set(rows) == {
         "plain stage 2",
         "U-REPA, DINOv2 on the batch's images",
         "U-REPA, features precomputed (stage=encode)",
+        "REPA-E (stage=e2e): VAE, discriminator and U-Net steps",
     }
     assert all(ms > 0 for ms, _ in rows.values()) and rows["plain stage 2"][1] == 1.0
