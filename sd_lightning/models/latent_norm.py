@@ -56,6 +56,15 @@ class LatentNorm(nn.Module):
         return self._standardise(z, mean, var)
 
     @torch.no_grad()
+    def start_from(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The running statistics set to ``z``'s (all ranks), as a first update with momentum 1;
+        returns the batch mean and (biased) variance."""
+        mean, var, count = self.batch_statistics(z)
+        self.running_mean.copy_(mean)
+        self.running_var.copy_(var * count / max(count - 1, 1))
+        return mean, var
+
+    @torch.no_grad()
     def batch_statistics(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Per-channel mean and (biased) variance over the batch and the pixels of every rank,
         in float64 (sums of squares of a large batch lose digits in float32), and the count."""

@@ -138,9 +138,7 @@ class EndToEndSystem(LatentDiffusionSystem):
     def _start_latent_norm(self, z: torch.Tensor) -> None:
         """The running statistics from the first batch (all ranks), so that the VAE's first
         steps see standardised latents too."""
-        mean, var, count = self.latent_norm.batch_statistics(z)
-        self.latent_norm.running_mean.copy_(mean)
-        self.latent_norm.running_var.copy_(var * count / max(count - 1, 1))
+        mean, var = self.latent_norm.start_from(z)
         log.info(
             "latent norm: running statistics from the first batch (mean %s, std %s)",
             [round(float(v), 3) for v in mean],
